@@ -239,4 +239,35 @@ def enable_cpu_compat() -> None:
     fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
     fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
 
+    # 5. dist_checkpointing's writers call torch.cuda.synchronize() after staging tensors in
+    #    host memory and build small status tensors on the current CUDA device; there is
+    #    nothing to wait for on the CPU, so these modules get the same CPU view of torch.
+    from megatron.core.dist_checkpointing.strategies import (
+        async_utils,
+        filesystem_async,
+        state_dict_saver,
+    )
+
+    for module in (filesystem_async, async_utils, state_dict_saver):
+        if not isinstance(module.torch, _CpuTorchProxy):
+            module.torch = _CpuTorchProxy()
+
     _ENABLED = True
+
+
+@contextlib.contextmanager
+def tensors_stay_on_cpu() -> Iterator[None]:
+    """Make ``Tensor.cuda()`` the identity while a CPU model is being built.
+
+    With tied embeddings and PP > 1, megatron's LanguageModule moves the shared embedding with
+    ``weight.data.cuda()`` before all-reducing it over the embedding group: on a CPU-only
+    torch that raises, and on a GPU machine forced onto the CPU it would hand gloo a CUDA
+    tensor. Scoped to model construction rather than patched globally, because elsewhere a
+    ``.cuda()`` call must keep its meaning.
+    """
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original  # type: ignore[method-assign]

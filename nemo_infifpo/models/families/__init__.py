@@ -1,0 +1,1 @@
+"""One module per supported HF model family: config reading plus the weight table."""
