@@ -1,0 +1,229 @@
+"""What a scoring run was computed from (fingerprints), and the manifest that records it.
+
+A scoring output directory holds the scores of ONE model on ONE dataset under ONE set of
+choices. Its :class:`ScoringIdentity` lists everything that decides the numbers:
+
+- ``model_fingerprint``: sha256 of the model directory's ``config.json`` and weight index files
+  (content), the relative name and size of every other file except tokenizer files, and the
+  header of every safetensors file (tensor names, dtypes, shapes, offsets). Not the weight
+  bytes: hashing 30 GB on every run would cost minutes; a weight file rewritten in place with
+  exactly the same size and header is not detected.
+- ``tokenizer_fingerprint``: :meth:`ResponseTokenizer.fingerprint` (vocabulary, special tokens,
+  chat template, response-boundary version).
+- ``dataset_fingerprint``: sha256 of the normalised rows (id + messages), in id order.
+- ``max_length``, ``dtype``, ``backend``, ``shard_count``.
+
+A rerun must agree on all of them to resume; otherwise :class:`ScoringMismatchError` names the
+fields that differ. Parallel sizes, batch sizes and the package version are recorded
+(``info``) but do not block a resume: they change floating-point rounding, not what is scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from nemo_infifpo.data.rows import PreferenceRow
+from nemo_infifpo.data.scored_set import canonical_json
+
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "ScoringIdentity",
+    "ScoringMismatchError",
+    "check_or_create_manifest",
+    "dataset_fingerprint",
+    "model_fingerprint",
+    "read_manifest",
+    "write_json_atomic",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+# Files that belong to the tokenizer (covered by the tokenizer fingerprint), so fixing a chat
+# template in a model directory does not make the model look different.
+_TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+# Small files whose content (not just size) is part of the model's identity.
+_HASHED_CONTENT_SUFFIXES = ("config.json", ".index.json")
+_READ_CHUNK = 1 << 20
+
+
+class ScoringMismatchError(RuntimeError):
+    """Existing scores in an output directory were computed from different inputs."""
+
+
+@dataclass(frozen=True)
+class ScoringIdentity:
+    """The inputs that decide a model's scores (see the module docstring)."""
+
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    dataset_fingerprint: str
+    max_length: int | None
+    dtype: str
+    backend: str
+    shard_count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoringIdentity:
+        fields = cls.__dataclass_fields__
+        missing = [name for name in fields if name not in data]
+        if missing:
+            raise ValueError(f"scoring identity lacks {', '.join(missing)}")
+        return cls(**{name: data[name] for name in fields})
+
+    def digest(self) -> str:
+        return hashlib.sha256(canonical_json(self.to_dict()).encode("utf-8")).hexdigest()
+
+    def differences(self, other: ScoringIdentity) -> list[str]:
+        """``"field: this vs other"`` for every field that differs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [
+            f"{name}: {_short(mine[name])} vs {_short(theirs[name])}"
+            for name in mine
+            if mine[name] != theirs[name]
+        ]
+
+
+def _short(value: Any) -> str:
+    # 64-hex fingerprints are unreadable in a message; 12 digits identify them well enough.
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "…"
+    return repr(value)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 over a model directory (HF or imported checkpoint); see the module docstring."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"model not found: {root}")
+    digest = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for file in files:
+        relative = file.name if root.is_file() else file.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue  # caches, lock files, editor droppings
+        if file.name in _TOKENIZER_FILES:
+            continue
+        digest.update(f"{relative}\0{file.stat().st_size}\n".encode("utf-8"))
+        if file.name.endswith(_HASHED_CONTENT_SUFFIXES):
+            digest.update(_file_sha256(file).encode("ascii"))
+        elif file.suffix == ".safetensors":
+            digest.update(_safetensors_header(file))
+    return digest.hexdigest()
+
+
+def _safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file (an 8-byte little-endian length, then the JSON)."""
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return b""
+        length = int.from_bytes(prefix, "little")
+        return handle.read(min(length, 100 << 20))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(rows: Iterable[PreferenceRow]) -> str:
+    """sha256 of the normalised rows in id order: file format, key order and row order do not
+    matter; any change to an id or a message does."""
+    digest = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: r.id):
+        digest.update(canonical_json(row.to_record()).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write pretty, key-sorted JSON through a temporary file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True, ensure_ascii=False)
+            handle.write("\n")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
+    """The manifest of a scoring output directory, or None if there is none yet."""
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ScoringMismatchError(f"{path}: unreadable manifest ({error.msg})") from None
+    if data.get("manifest_version") != MANIFEST_VERSION:
+        raise ScoringMismatchError(
+            f"{path}: manifest_version {data.get('manifest_version')!r}, this package writes "
+            f"{MANIFEST_VERSION}; score into a new output_dir"
+        )
+    return data
+
+
+def check_or_create_manifest(
+    output_dir: str | Path,
+    identity: ScoringIdentity,
+    info: Mapping[str, Any],
+    *,
+    create: bool,
+) -> dict[str, Any]:
+    """Compare ``identity`` with the directory's manifest; write a new manifest when there is
+    none and ``create`` is set (one writer per job). Raises :class:`ScoringMismatchError` on
+    any difference."""
+    output_dir = Path(output_dir)
+    existing = read_manifest(output_dir)
+    if existing is not None:
+        recorded = ScoringIdentity.from_dict(existing["identity"])
+        differences = recorded.differences(identity)
+        if differences:
+            raise ScoringMismatchError(
+                f"{output_dir} already holds scores computed from different inputs "
+                f"(recorded vs now): {'; '.join(differences)}. To score these inputs, choose a "
+                "new output_dir, or delete this directory to start fresh."
+            )
+        return existing
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "identity": identity.to_dict(),
+        "info": dict(info),
+        "shards": [],
+    }
+    if create:
+        write_json_atomic(output_dir / MANIFEST_NAME, manifest)
+    return manifest

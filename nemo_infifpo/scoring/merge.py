@@ -1,0 +1,335 @@
+"""Merge the pivot's and the sources' scoring outputs into the training set (contract 4).
+
+Every model directory is checked before anything is written: all shards complete, every shard
+computed from the manifest's inputs (no mixing of two runs), the same dataset as ``data.path``,
+every row of the dataset either scored exactly once or excluded by ``max_length``, finite sums
+and positive token counts. A row excluded by any model is excluded everywhere: fusion compares
+the models on the same text, and a row that one model cannot see cannot be fused.
+
+The JSON report next to the output (``<output>.report.json``) says what went in and out and
+previews how training will treat the rows, computed with ``nemo_infifpo.loss`` itself:
+per-model mean scores, how often probability clipping changes a source score, and how often
+each candidate (sources, then the pivot) wins the ``max_margin`` selection at step 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_infifpo.data.rows import PreferenceRow, load_preference_rows
+from nemo_infifpo.data.scored_set import ModelScores, read_scored_set, write_scored_set
+from nemo_infifpo.scoring.manifest import (
+    MANIFEST_NAME,
+    ScoringIdentity,
+    ScoringMismatchError,
+    dataset_fingerprint,
+    read_manifest,
+    write_json_atomic,
+)
+from nemo_infifpo.scoring.shards import read_shard_scores, read_sidecar, shard_is_complete, shard_name
+
+__all__ = ["MergeError", "ModelScoreDir", "load_score_dir", "merge_scores", "report_path_for"]
+
+log = logging.getLogger(__name__)
+
+PIVOT = "pivot"
+
+
+class MergeError(ValueError):
+    """Scores that cannot be merged; the message names the directory, file, row or source."""
+
+
+@dataclass
+class ModelScoreDir:
+    """All shards of one model's scoring output, keyed by row id."""
+
+    name: str
+    path: Path
+    identity: ScoringIdentity
+    info: dict[str, Any]
+    scores: dict[str, tuple[float, float, int, int]]  # id -> (chosen sum, rejected sum, chosen T, rejected T)
+    excluded: dict[str, str]  # id -> reason
+
+
+def report_path_for(output_path: str | Path) -> Path:
+    output_path = Path(output_path)
+    return output_path.with_name(output_path.name + ".report.json")
+
+
+def load_score_dir(directory: str | Path, name: str) -> ModelScoreDir:
+    """Read and check one model's scoring output directory (see the module docstring)."""
+    directory = Path(directory)
+    label = f"{name} ({directory})"
+    if not directory.is_dir():
+        raise MergeError(f"{label}: scoring output directory not found")
+    try:
+        manifest = read_manifest(directory)
+    except ScoringMismatchError as error:
+        raise MergeError(f"{label}: {error}") from None
+    if manifest is None:
+        raise MergeError(f"{label}: no {MANIFEST_NAME}; is this a scoring output directory?")
+    identity = ScoringIdentity.from_dict(manifest["identity"])
+    count = identity.shard_count
+
+    problems = []
+    for index in range(count):
+        sidecar = read_sidecar(directory, index, count)
+        if sidecar is not None and sidecar.identity != identity:
+            raise MergeError(
+                f"{label}: {shard_name(index, count)}.json was computed from other inputs than "
+                f"{MANIFEST_NAME} (shard vs manifest: {'; '.join(sidecar.identity.differences(identity))}); "
+                "the directory mixes two scoring runs"
+            )
+        problem = shard_is_complete(directory, index, count, identity)
+        if problem is not None:
+            problems.append(f"{shard_name(index, count)}: {problem}")
+    # Shard files left over from a run with another shard count would be silently ignored.
+    stray = sorted(
+        p.name for p in directory.glob("shard-*-of-*.json") if not p.name.endswith(f"-of-{count:05d}.json")
+    )
+    if stray:
+        raise MergeError(
+            f"{label}: shard files of another shard count ({', '.join(stray[:3])}) next to a "
+            f"{count}-shard manifest; the directory mixes two scoring runs"
+        )
+    if problems:
+        raise MergeError(
+            f"{label}: incomplete scoring output, {len(problems)} of {count} shard(s) not finished: "
+            + "; ".join(problems[:5])
+            + " (rerun the scoring job with the same options to finish them)"
+        )
+
+    scores: dict[str, tuple[float, float, int, int]] = {}
+    excluded: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for index in range(count):
+        sidecar = read_sidecar(directory, index, count)
+        assert sidecar is not None
+        file = sidecar.parquet_file
+        shard = read_shard_scores(directory, sidecar)
+        for i, row_id in enumerate(shard.ids):
+            values = (
+                float(shard.chosen_logps[i]),
+                float(shard.rejected_logps[i]),
+                int(shard.chosen_tokens[i]),
+                int(shard.rejected_tokens[i]),
+            )
+            _check_values(label, file, row_id, values)
+            if row_id in where:
+                raise MergeError(f"{label}: {file}: id {row_id!r} scored twice (also in {where[row_id]})")
+            where[row_id] = file
+            scores[row_id] = values
+        for entry in sidecar.excluded:
+            row_id = str(entry["id"])
+            if row_id in where:
+                raise MergeError(
+                    f"{label}: {file}: id {row_id!r} is both excluded and scored (in {where[row_id]})"
+                )
+            where[row_id] = f"{shard_name(index, count)}.json (excluded)"
+            excluded[row_id] = str(entry.get("reason", "excluded"))
+    return ModelScoreDir(name, directory, identity, dict(manifest.get("info", {})), scores, excluded)
+
+
+def _check_values(label: str, file: str, row_id: str, values: tuple[float, float, int, int]) -> None:
+    names = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+    for column, value in zip(names[:2], values[:2], strict=True):
+        if not math.isfinite(value):
+            raise MergeError(
+                f"{label}: {file}: id {row_id!r}, column {column!r}: non-finite log-prob sum {value!r}"
+            )
+    for column, value in zip(names[2:], values[2:], strict=True):
+        if value < 1:
+            raise MergeError(
+                f"{label}: {file}: id {row_id!r}, column {column!r}: token count {value} (must be >= 1)"
+            )
+
+
+def merge_scores(
+    data_path: str | Path,
+    pivot_dir: str | Path,
+    source_dirs: Sequence[str | Path],
+    output_path: str | Path,
+    *,
+    source_names: Sequence[str] | None = None,
+    data_split: str | None = None,
+) -> dict[str, Any]:
+    """Write the training set to ``output_path`` and its report next to it; returns the report."""
+    output_path = Path(output_path)
+    source_dirs = [Path(d) for d in source_dirs]
+    names = [str(n) for n in source_names] if source_names is not None else [d.name for d in source_dirs]
+    if len(names) != len(source_dirs):
+        raise MergeError(f"{len(names)} source_names for {len(source_dirs)} source_dirs")
+    if len(set(names)) != len(names):
+        raise MergeError(f"source names must be unique, got {names} (pass source_names=[...])")
+    if PIVOT in names:
+        raise MergeError(f"{PIVOT!r} is reserved for the pivot; rename that source")
+
+    rows = load_preference_rows(data_path, split=data_split)
+    data_fp = dataset_fingerprint(rows)
+    models = [load_score_dir(pivot_dir, PIVOT)] + [
+        load_score_dir(d, n) for d, n in zip(source_dirs, names, strict=True)
+    ]
+    for model in models:
+        if model.identity.dataset_fingerprint != data_fp:
+            raise MergeError(
+                f"{model.name} ({model.path}): scored on a different dataset than {data_path} "
+                f"(dataset fingerprint {model.identity.dataset_fingerprint[:12]}… vs "
+                f"{data_fp[:12]}…; scored from {model.info.get('data_path', 'unknown')})"
+            )
+
+    # Every row must be accounted for by every model, exactly once.
+    data_ids = {row.id for row in rows}
+    for model in models:
+        for row in rows:
+            if row.id not in model.scores and row.id not in model.excluded:
+                raise MergeError(f"{model.name} ({model.path}): id {row.id!r} of {data_path} has no score")
+        extra = [i for i in list(model.scores) + list(model.excluded) if i not in data_ids]
+        if extra:
+            raise MergeError(f"{model.name} ({model.path}): id {extra[0]!r} is not in {data_path}")
+
+    excluded_by: dict[str, dict[str, str]] = {}
+    for model in models:
+        for row_id, reason in model.excluded.items():
+            excluded_by.setdefault(row_id, {})[model.name] = reason
+    kept = [row for row in rows if row.id not in excluded_by]
+    if not kept:
+        raise MergeError(f"every row of {data_path} was excluded by some model's max_length")
+
+    def aligned(model: ModelScoreDir) -> ModelScores:
+        values = [model.scores[row.id] for row in kept]
+        return ModelScores.from_lists(*zip(*values, strict=True))
+
+    ref = aligned(models[0])
+    sources = [aligned(m) for m in models[1:]]
+
+    def fingerprints(model: ModelScoreDir) -> dict[str, Any]:
+        return {
+            **model.identity.to_dict(),
+            "model_path": model.info.get("model_path"),
+            "chat_template": model.info.get("chat_template"),
+        }
+
+    write_scored_set(
+        output_path,
+        kept,
+        ref,
+        sources,
+        source_names=names,
+        pivot_fingerprints=fingerprints(models[0]),
+        source_fingerprints=[fingerprints(m) for m in models[1:]],
+        dataset_fingerprint=data_fp,
+    )
+    report = _report(output_path, data_path, rows, kept, excluded_by, models, names)
+    write_json_atomic(report_path_for(output_path), report)
+    log.info(
+        "merged %d of %d rows (%d excluded) from the pivot and %d source(s) into %s",
+        len(kept),
+        len(rows),
+        len(excluded_by),
+        len(names),
+        output_path,
+    )
+    return report
+
+
+def _report(
+    output_path: Path,
+    data_path: str | Path,
+    rows: list[PreferenceRow],
+    kept: list[PreferenceRow],
+    excluded_by: dict[str, dict[str, str]],
+    models: list[ModelScoreDir],
+    names: list[str],
+) -> dict[str, Any]:
+    from nemo_infifpo.loss import clip_source_scores, infifpo_loss
+
+    # Read back what was written: the report describes the file training will load.
+    scored = read_scored_set(output_path)
+    candidates = [*names, PIVOT]
+    previews: dict[str, Any] = {}
+    for key, length_norm in (("length_normalised", True), ("sums", False)):
+        s = scored.scores(length_norm)
+        means = {
+            PIVOT: {"chosen": _mean(s["ref_chosen"]), "rejected": _mean(s["ref_rejected"])},
+            **{
+                name: {
+                    "chosen": _mean(s["source_chosen"][:, j]),
+                    "rejected": _mean(s["source_rejected"][:, j]),
+                }
+                for j, name in enumerate(names)
+            },
+        }
+        preview: dict[str, Any] = {"mean_score": means}
+        if names:
+            c_w, c_l = clip_source_scores(
+                s["source_chosen"], s["source_rejected"], s["ref_chosen"], s["ref_rejected"]
+            )
+            changed = (c_w != s["source_chosen"]).double().mean(0) + (
+                c_l != s["source_rejected"]
+            ).double().mean(0)
+            per_source = {name: float(changed[j]) / 2 for j, name in enumerate(names)}
+        else:
+            per_source = {}
+        # Step 0 of training: the policy is p0 itself.
+        _, metrics = infifpo_loss(
+            s["ref_chosen"],
+            s["ref_rejected"],
+            s["ref_chosen"],
+            s["ref_rejected"],
+            s["source_chosen"],
+            s["source_rejected"],
+            beta=1.0,
+            fusion="max_margin",
+            clip=True,
+            include_pivot=True,
+        )
+        counts = torch.bincount(metrics["selected"], minlength=len(candidates)).tolist()
+        preview["clipped_fraction"] = {
+            "overall": _mean(metrics["clipped_fraction"]),
+            "per_source": per_source,
+        }
+        preview["max_margin_selection"] = {
+            "counts": dict(zip(candidates, counts, strict=True)),
+            "fractions": {c: n / len(kept) for c, n in zip(candidates, counts, strict=True)},
+        }
+        previews[key] = preview
+
+    excluded_rows = [
+        {"id": row.id, "excluded_by": excluded_by[row.id]} for row in rows if row.id in excluded_by
+    ]
+    return {
+        "output": str(output_path),
+        "data_path": str(data_path),
+        "rows_in": len(rows),
+        "rows_out": len(kept),
+        "rows_excluded": len(excluded_rows),
+        "excluded_by_model": {m.name: len(m.excluded) for m in models},
+        "excluded": excluded_rows,
+        "sources": names,
+        "candidates": candidates,
+        "models": {
+            m.name: {
+                "dir": str(m.path),
+                "model_path": m.info.get("model_path"),
+                "backend": m.identity.backend,
+                "dtype": m.identity.dtype,
+                "max_length": m.identity.max_length,
+                "model_fingerprint": m.identity.model_fingerprint,
+                "tokenizer_fingerprint": m.identity.tokenizer_fingerprint,
+            }
+            for m in models
+        },
+        "dataset_fingerprint": models[0].identity.dataset_fingerprint,
+        **previews,
+    }
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else float("nan")

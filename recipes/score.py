@@ -1,0 +1,40 @@
+"""Score one model on the preference data (Hydra app; see configs/score.yaml).
+
+Runs single-process with ``python recipes/score.py key=value ...`` and multi-rank under
+``torchrun`` or ``srun``; the work itself is :func:`nemo_infifpo.scoring.run_scoring`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def _setup_logging() -> None:
+    # Rank 0 reports progress; the other ranks only speak up for warnings and errors.
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@hydra.main(config_path="../configs", config_name="score", version_base=None)
+def main(cfg: DictConfig) -> None:
+    _setup_logging()
+    from nemo_infifpo.scoring.backends import shutdown_distributed
+    from nemo_infifpo.scoring.job import ScoreConfig, run_scoring
+
+    config = ScoreConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    try:
+        run_scoring(config)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
