@@ -1,0 +1,260 @@
+"""Micro-batches: tokenized pairs -> the tensors one forward pass of the pivot needs.
+
+A micro-batch holds whole pairs: the chosen and the rejected sequence of a pair always go
+through the same forward pass (the loss needs both scores of a row together). Sequences are
+numbered ``0..m-1`` for the chosen responses of its ``m`` pairs and ``m..2m-1`` for the
+rejected ones (SFT micro-batches hold only the ``m`` chosen sequences); every target token
+carries the number of its sequence in ``sequence_index``, so the per-sequence log-prob sums
+come out the same way whatever the layout:
+
+* **padded** (default): one sequence per row, ``[2m, S]``, right-padded to the step's length,
+  causal attention;
+* **packed** (``data.pack_sequences``): pairs placed into fixed-length bins by first-fit
+  decreasing, ``[1, L]`` per bin, each sequence with its own position ids and attention
+  restricted to itself: an explicit block-diagonal causal mask for megatron's local layer
+  spec, ``cu_seqlens`` (THD layout) for Transformer Engine.
+
+Targets follow :mod:`nemo_infifpo.logprobs`: position ``t`` predicts token ``t + 1``; positions
+whose target is not a response token are masked out, and their target id is a valid
+placeholder (0), never an ignore index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+
+from nemo_infifpo.data.templates import TokenizedPair, TokenizedSequence
+
+__all__ = [
+    "MicroBatch",
+    "first_fit_decreasing",
+    "pack_micro_batches",
+    "pad_micro_batches",
+    "padded_length",
+]
+
+_PAD_ID = 0  # any valid id: padded positions are never scored and never attended to by real tokens
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [b, S] long
+    position_ids: torch.Tensor  # [b, S] long
+    labels: torch.Tensor  # [b, S] long: the token each position predicts
+    loss_mask: torch.Tensor  # [b, S] bool: the target is a response token
+    sequence_index: torch.Tensor  # [b, S] long: which sequence the target belongs to
+    num_pairs: int
+    num_sequences: int  # 2 * num_pairs, or num_pairs for chosen-only (SFT)
+    num_tokens: int  # real (non-padding) tokens, for throughput
+    row_indices: list[int]  # rows of the training data, pair order
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # precomputed, per pair
+    attention_mask: torch.Tensor | None = None  # [1, 1, S, S] bool, True = masked
+    packed_seq_params: Any = None  # megatron PackedSeqParams (THD), Transformer Engine only
+
+    @property
+    def seq_length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        params = self.packed_seq_params
+        if params is not None:
+            params = replace(
+                params,
+                cu_seqlens_q=move(params.cu_seqlens_q),
+                cu_seqlens_kv=move(params.cu_seqlens_kv),
+            )
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            position_ids=move(self.position_ids),
+            labels=move(self.labels),
+            loss_mask=move(self.loss_mask),
+            sequence_index=move(self.sequence_index),
+            attention_mask=move(self.attention_mask),
+            packed_seq_params=params,
+        )
+
+
+def padded_length(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def _sequences(pairs: Sequence[TokenizedPair], chosen_only: bool) -> list[TokenizedSequence]:
+    # Chosen of every pair first, then rejected: sequence k < m is pair k's chosen response.
+    seqs = [p.chosen for p in pairs]
+    return seqs if chosen_only else seqs + [p.rejected for p in pairs]
+
+
+def _fill_targets(
+    seq: TokenizedSequence, number: int, start: int, labels: torch.Tensor, mask: torch.Tensor, index: torch.Tensor
+) -> None:
+    """Write one sequence's targets into a row, from column ``start``."""
+    ids = torch.tensor(seq.input_ids, dtype=torch.long)
+    n = len(seq.input_ids)
+    # Position t predicts token t + 1, scored when that token is a response token.
+    labels[start : start + n - 1] = ids[1:]
+    mask[start + seq.response_start - 1 : start + n - 1] = True
+    index[start : start + n - 1] = number
+
+
+def _slice_scores(scores: dict[str, torch.Tensor], rows: Sequence[int]) -> dict[str, torch.Tensor]:
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    return {name: value[index] for name, value in scores.items()}
+
+
+def causal_mask(seq_len: int) -> torch.Tensor:
+    """megatron's convention: bool ``[1, 1, S, S]``, True = masked (a future position)."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool).triu(diagonal=1).view(1, 1, seq_len, seq_len)
+
+
+def pad_micro_batches(
+    pairs: Sequence[TokenizedPair],
+    rows: Sequence[int],
+    scores: dict[str, torch.Tensor],
+    *,
+    micro_batch_size: int,
+    seq_length: int,
+    chosen_only: bool = False,
+    explicit_mask: bool = True,
+) -> list[MicroBatch]:
+    """Consecutive groups of ``micro_batch_size`` pairs, each right-padded to ``seq_length``.
+
+    ``rows[i]`` is the training-data row of ``pairs[i]``; ``scores`` is indexed by row.
+    """
+    batches = []
+    for start in range(0, len(pairs), micro_batch_size):
+        group = list(pairs[start : start + micro_batch_size])
+        group_rows = list(rows[start : start + micro_batch_size])
+        seqs = _sequences(group, chosen_only)
+        b = len(seqs)
+        longest = max(len(s) for s in seqs)
+        if longest > seq_length:
+            raise ValueError(f"a sequence of {longest} tokens does not fit seq_length={seq_length}")
+        input_ids = torch.full((b, seq_length), _PAD_ID, dtype=torch.long)
+        labels = torch.full((b, seq_length), _PAD_ID, dtype=torch.long)
+        loss_mask = torch.zeros(b, seq_length, dtype=torch.bool)
+        sequence_index = torch.zeros(b, seq_length, dtype=torch.long)
+        for k, seq in enumerate(seqs):
+            input_ids[k, : len(seq)] = torch.tensor(seq.input_ids, dtype=torch.long)
+            _fill_targets(seq, k, 0, labels[k], loss_mask[k], sequence_index[k])
+        batches.append(
+            MicroBatch(
+                input_ids=input_ids,
+                position_ids=torch.arange(seq_length).unsqueeze(0).expand(b, -1).contiguous(),
+                labels=labels,
+                loss_mask=loss_mask,
+                sequence_index=sequence_index,
+                num_pairs=len(group),
+                num_sequences=b,
+                num_tokens=sum(len(s) for s in seqs),
+                row_indices=group_rows,
+                scores=_slice_scores(scores, group_rows),
+                attention_mask=causal_mask(seq_length) if explicit_mask else None,
+            )
+        )
+    return batches
+
+
+def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices: items by decreasing size (ties in index order), each into the
+    first bin with room. Deterministic, and within 11/9 of the optimal number of bins."""
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        if sizes[i] > capacity:
+            raise ValueError(f"item {i} of size {sizes[i]} exceeds the bin capacity {capacity}")
+        for b, room in enumerate(free):
+            if sizes[i] <= room:
+                bins[b].append(i)
+                free[b] -= sizes[i]
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - sizes[i])
+    return bins
+
+
+def pack_micro_batches(
+    pairs: Sequence[TokenizedPair],
+    rows: Sequence[int],
+    scores: dict[str, torch.Tensor],
+    *,
+    bin_length: int,
+    chosen_only: bool = False,
+    use_transformer_engine: bool = False,
+) -> list[MicroBatch]:
+    """One micro-batch per bin of ``bin_length`` tokens; a pair is never split over bins."""
+    sizes = [len(p.chosen) + (0 if chosen_only else len(p.rejected)) for p in pairs]
+    batches = []
+    for members in first_fit_decreasing(sizes, bin_length):
+        group = [pairs[i] for i in members]
+        group_rows = [rows[i] for i in members]
+        m = len(group)
+        input_ids = torch.full((bin_length,), _PAD_ID, dtype=torch.long)
+        position_ids = torch.zeros(bin_length, dtype=torch.long)
+        labels = torch.full((bin_length,), _PAD_ID, dtype=torch.long)
+        loss_mask = torch.zeros(bin_length, dtype=torch.bool)
+        sequence_index = torch.zeros(bin_length, dtype=torch.long)
+        # Each sequence may only see itself: a causal mask restricted to its block. Padding at
+        # the end of the bin gets its own block (it is never scored).
+        blocked = torch.ones(bin_length, bin_length, dtype=torch.bool)
+        boundaries = [0]
+        cursor = 0
+        # Layout inside a bin: chosen_j, rejected_j, chosen_k, rejected_k, ...
+        placed = []
+        for j, pair in enumerate(group):
+            placed.append((pair.chosen, j))
+            if not chosen_only:
+                placed.append((pair.rejected, m + j))
+        for seq, number in placed:
+            n = len(seq)
+            input_ids[cursor : cursor + n] = torch.tensor(seq.input_ids, dtype=torch.long)
+            position_ids[cursor : cursor + n] = torch.arange(n)
+            _fill_targets(seq, number, cursor, labels, loss_mask, sequence_index)
+            blocked[cursor : cursor + n, cursor : cursor + n] = torch.ones(n, n, dtype=torch.bool).triu(1)
+            cursor += n
+            boundaries.append(cursor)
+        if cursor < bin_length:
+            tail = bin_length - cursor
+            blocked[cursor:, cursor:] = torch.ones(tail, tail, dtype=torch.bool).triu(1)
+            position_ids[cursor:] = torch.arange(tail)
+            boundaries.append(bin_length)
+        batch = MicroBatch(
+            input_ids=input_ids.unsqueeze(0),
+            position_ids=position_ids.unsqueeze(0),
+            labels=labels.unsqueeze(0),
+            loss_mask=loss_mask.unsqueeze(0),
+            sequence_index=sequence_index.unsqueeze(0),
+            num_pairs=m,
+            num_sequences=m if chosen_only else 2 * m,
+            num_tokens=cursor,
+            row_indices=group_rows,
+            scores=_slice_scores(scores, group_rows),
+        )
+        if use_transformer_engine:
+            batch.packed_seq_params = _thd_params(boundaries)
+        else:
+            batch.attention_mask = blocked.view(1, 1, bin_length, bin_length)
+        batches.append(batch)
+    return batches
+
+
+def _thd_params(boundaries: list[int]) -> Any:
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_len,
+        max_seqlen_kv=max_len,
+    )

@@ -1,0 +1,183 @@
+"""The training objective per micro-batch, in the ``[sum, count]`` reduction contract.
+
+The pipeline schedule calls the loss once per micro-batch. Each call returns the *sum* of the
+per-row losses of its rows and the *count* of rows (tokens for SFT); megatron adds the counts
+of every micro-batch and data-parallel rank and divides the summed gradients by that total
+(``calculate_per_token_loss``), so an update always follows the mean over all pairs of the
+global batch, whatever the micro-batch size, accumulation or data-parallel size.
+
+The math itself is :mod:`nemo_infifpo.loss` (METHOD.md); this module only feeds it:
+
+==========  ===============================================================================
+loss.type   per-row loss
+==========  ===============================================================================
+infifpo     ``infifpo_loss`` (sigmoid, Eq. 13) against the precomputed p0 and source scores
+ipo         ``infifpo_loss(loss_type="ipo")``: InfiFPO-IPO (Eq. 22)
+dpo         ``dpo_loss``: DPO with reference p0 (sources ignored)
+sft         cross-entropy of the chosen response, averaged over its tokens (count = tokens)
+==========  ===============================================================================
+
+Besides the loss, each call returns a vector of sums (:attr:`stat_names`) that the loop
+reduces the same way, for the step's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nemo_infifpo.loss import dpo_loss, infifpo_loss, sequence_scores
+from nemo_infifpo.training.config import LossConfig
+
+__all__ = ["PIVOT_CANDIDATE", "Objective"]
+
+PIVOT_CANDIDATE = "p0"  # name of the initial pivot as a fusion candidate in the metrics
+
+_PAIR_STATS = (
+    "loss",
+    "pairs",
+    "reward_chosen",
+    "reward_rejected",
+    "margin",
+    "accuracy",
+    "clipped_fraction",
+    "policy_chosen",
+    "policy_rejected",
+)
+_SFT_STATS = ("loss", "tokens", "sequences")
+
+
+class Objective:
+    """Per-micro-batch loss of the configured ``loss.type`` (see the module docstring)."""
+
+    def __init__(self, loss: LossConfig, source_names: tuple[str, ...] = ()) -> None:
+        self.config = loss
+        if loss.type == "dpo":
+            self.candidates: tuple[str, ...] = (PIVOT_CANDIDATE,)
+        elif loss.type in ("infifpo", "ipo"):
+            if not source_names and not loss.include_pivot:
+                raise ValueError("the scored set has no sources and loss.include_pivot=false: nothing to fuse")
+            self.candidates = tuple(source_names) + ((PIVOT_CANDIDATE,) if loss.include_pivot else ())
+        else:
+            self.candidates = ()
+
+    @property
+    def is_sft(self) -> bool:
+        return self.config.type == "sft"
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        if self.is_sft:
+            return _SFT_STATS
+        return _PAIR_STATS + tuple(f"weight/{c}" for c in self.candidates)
+
+    def __call__(
+        self,
+        logp_sums: torch.Tensor,
+        token_counts: torch.Tensor,
+        num_pairs: int,
+        scores: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss_sum, count, stats)`` for one micro-batch.
+
+        ``logp_sums``/``token_counts`` are the pivot's per-sequence response log-prob sums and
+        token counts: chosen responses of the ``num_pairs`` pairs first, then (except SFT) the
+        rejected ones. ``scores`` holds the pairs' precomputed p0/source scores.
+        """
+        device = logp_sums.device
+        if not bool(torch.isfinite(logp_sums).all()):
+            # Diverged weights. Raising here would strand the other pipeline stages inside the
+            # schedule; a NaN loss reaches every rank through the metrics and stops the loop.
+            nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+            count = torch.tensor(num_pairs, dtype=torch.int32, device=device)
+            return logp_sums.sum() * nan, count, nan.expand(len(self.stat_names)).clone()
+        if self.is_sft:
+            nll = -logp_sums.sum()
+            tokens = token_counts.sum()
+            stats = torch.stack([nll.detach().double(), tokens.double(), torch.tensor(float(num_pairs), device=device, dtype=torch.float64)])
+            return nll, tokens.to(torch.int32), stats
+
+        c = self.config
+        policy = sequence_scores(logp_sums, token_counts, length_norm=c.length_norm)
+        chosen, rejected = policy[:num_pairs], policy[num_pairs:]
+        ref = {k: v.to(device) for k, v in scores.items()}
+        if c.type == "dpo":
+            losses, metrics = dpo_loss(chosen, rejected, ref["ref_chosen"], ref["ref_rejected"], beta=c.beta)
+        else:
+            losses, metrics = infifpo_loss(
+                chosen,
+                rejected,
+                ref["ref_chosen"],
+                ref["ref_rejected"],
+                ref["source_chosen"],
+                ref["source_rejected"],
+                beta=c.beta,
+                fusion=c.fusion,
+                clip=c.clip,
+                include_pivot=c.include_pivot,
+                loss_type="ipo" if c.type == "ipo" else "sigmoid",
+            )
+        weights = metrics["weights"].double()
+        # Confidence fusion weighs chosen and rejected separately ([B, 2, K]): report their mean.
+        weight_sums = weights.mean(dim=1).sum(dim=0) if weights.dim() == 3 else weights.sum(dim=0)
+        row_sums = torch.stack(
+            [
+                losses.detach().double().sum(),
+                torch.tensor(float(num_pairs), device=device, dtype=torch.float64),
+                metrics["reward_chosen"].double().sum(),
+                metrics["reward_rejected"].double().sum(),
+                metrics["margin"].double().sum(),
+                metrics["accuracy"].double().sum(),
+                metrics["clipped_fraction"].double().sum(),
+                chosen.detach().double().sum(),
+                rejected.detach().double().sum(),
+            ]
+        )
+        stats = torch.cat([row_sums, weight_sums])
+        count = torch.tensor(num_pairs, dtype=torch.int32, device=device)
+        return losses.sum(), count, stats
+
+    def summarize(self, totals: torch.Tensor) -> dict[str, float]:
+        """Step metrics from the stats summed over the global batch."""
+        values = dict(zip(self.stat_names, totals.double().tolist()))
+        if not math.isfinite(values["loss"]):
+            return {"loss": values["loss"]}
+        if self.is_sft:
+            tokens = max(values["tokens"], 1.0)
+            return {"loss": values["loss"] / tokens, "sequences": values["sequences"], "response_tokens": values["tokens"]}
+        pairs = max(values["pairs"], 1.0)
+        out = {name: values[name] / pairs for name in _PAIR_STATS if name != "pairs"}
+        out["pairs"] = values["pairs"]
+        if self.config.type in ("infifpo", "ipo"):
+            out["fusion/clipped_fraction"] = out.pop("clipped_fraction")
+            for candidate in self.candidates:
+                out[f"fusion/weight/{candidate}"] = values[f"weight/{candidate}"] / pairs
+                if self.config.fusion == "max_margin":
+                    # One-hot weights: their sum is the number of rows that selected the candidate.
+                    out[f"fusion/selected/{candidate}"] = round(values[f"weight/{candidate}"])
+        else:
+            out.pop("clipped_fraction")
+        return out
+
+
+def per_sequence_logprobs(
+    token_logps: torch.Tensor, loss_mask: torch.Tensor, sequence_index: torch.Tensor, num_sequences: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of the masked token log-probs and the number of tokens summed.
+
+    Padded layout (one sequence per row) reduces rows directly, exactly like scoring
+    (:func:`nemo_infifpo.logprobs.sequence_logprob_sums`); packed rows hold several sequences,
+    so their tokens are added into their sequence's slot.
+    """
+    from nemo_infifpo.logprobs import sequence_logprob_sums
+
+    if token_logps.shape[0] == num_sequences:
+        return sequence_logprob_sums(token_logps, loss_mask)
+    mask = loss_mask.bool().flatten()
+    values = torch.where(mask, token_logps.float().flatten(), torch.zeros((), device=token_logps.device))
+    index = torch.where(mask, sequence_index.flatten(), torch.zeros_like(sequence_index.flatten()))
+    sums = values.new_zeros(num_sequences).index_add(0, index, values)
+    counts = torch.zeros(num_sequences, dtype=torch.int64, device=values.device).index_add(0, index, mask.long())
+    return sums, counts
+

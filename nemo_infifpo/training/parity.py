@@ -1,0 +1,137 @@
+"""Step-0 parity: before the first update the pivot must reproduce its precomputed p0 scores.
+
+At step 0 the trained pivot *is* p0, so its recomputed scores of the first global batch must
+equal the scores the scoring job stored (METHOD.md, "Limits that must hold exactly", 2). A
+difference beyond ``trainer.step0_parity_atol`` means the training run does not see what
+scoring saw: another tokenizer or chat template (different tokens or response boundary),
+a layout bug (TP/PP sharding), or a dtype mismatch. Training such a run would fit the loss
+against the wrong reference, so the run stops, listing the worst rows.
+
+The scores are recomputed with :func:`nemo_infifpo.engine.forward.compute_sequence_logprobs`,
+the forward path scoring uses, at the training layout, in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nemo_infifpo.loss import sequence_scores
+from nemo_infifpo.training.batches import padded_length
+from nemo_infifpo.training.dataset import TrainingData
+
+__all__ = ["ParityReport", "Step0ParityError", "check_step0_parity"]
+
+_ROWS_SHOWN = 10
+
+
+class Step0ParityError(RuntimeError):
+    """The pivot's step-0 scores differ from the precomputed p0 scores."""
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    id: str
+    side: str  # "chosen" | "rejected"
+    precomputed: float
+    recomputed: float
+    precomputed_tokens: int
+    recomputed_tokens: int
+
+    @property
+    def diff(self) -> float:
+        if self.precomputed_tokens != self.recomputed_tokens:
+            return math.inf  # different response tokens: not the same quantity at all
+        return abs(self.recomputed - self.precomputed)
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    rows: list[ParityRow]
+    atol: float
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((r.diff for r in self.rows), default=0.0)
+
+    @property
+    def failures(self) -> list[ParityRow]:
+        return sorted((r for r in self.rows if r.diff > self.atol), key=lambda r: -r.diff)
+
+    def message(self) -> str:
+        worst = self.failures[:_ROWS_SHOWN]
+        lines = [
+            f"step-0 parity failed: {len(self.failures)} of {len(self.rows)} sequence scores of the first "
+            f"global batch differ from the precomputed p0 scores by more than "
+            f"trainer.step0_parity_atol={self.atol:g} (max {self.max_abs_diff:.3g}). At step 0 the "
+            "pivot is p0, so this is a tokenizer/chat-template, layout or dtype mismatch between "
+            "scoring and training, not noise. Worst rows:",
+            f"  {'id':<24} {'side':<8} {'precomputed':>14} {'recomputed':>14} {'diff':>11} tokens(pre/re)",
+        ]
+        for r in worst:
+            lines.append(
+                f"  {r.id[:24]:<24} {r.side:<8} {r.precomputed:>14.6f} {r.recomputed:>14.6f} "
+                f"{r.diff:>11.3g} {r.precomputed_tokens}/{r.recomputed_tokens}"
+            )
+        return "\n".join(lines)
+
+
+def check_step0_parity(
+    model,
+    data: TrainingData,
+    rows: list[int],
+    *,
+    length_norm: bool,
+    atol: float,
+    micro_batch_size: int,
+    pad_multiple: int,
+) -> ParityReport:
+    """Recompute p0's scores of ``rows`` (this data-parallel rank's share of the first global
+    batch) with ``model``, gather every rank's rows, raise :class:`Step0ParityError` on a
+    mismatch. Collective over all ranks."""
+    from nemo_infifpo.engine.forward import compute_sequence_logprobs
+
+    pairs = data.pairs(rows)
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    # compute_sequence_logprobs feeds tokens[:, :-1]: make that length the padded multiple.
+    length = padded_length(max(len(s) for s in seqs) - 1, pad_multiple) + 1
+    tokens = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+    for k, seq in enumerate(seqs):
+        tokens[k, : len(seq)] = torch.tensor(seq.input_ids)
+        mask[k, seq.response_start : len(seq)] = True
+    sums, counts = compute_sequence_logprobs(
+        model.module, tokens, mask, micro_batch_size=2 * micro_batch_size, vocab_size=model.vocab_size
+    )
+    recomputed = sequence_scores(sums.double(), counts, length_norm=length_norm)
+
+    m = len(pairs)
+    index = torch.as_tensor(rows, dtype=torch.long)
+    precomputed = torch.cat([data.scores["ref_chosen"][index], data.scores["ref_rejected"][index]])
+    assert data.ref_tokens is not None
+    pre_tokens = torch.cat([data.ref_tokens[0][index], data.ref_tokens[1][index]])
+    mine = [
+        ParityRow(
+            id=data.rows[rows[k % m]].id,
+            side="chosen" if k < m else "rejected",
+            precomputed=float(precomputed[k]),
+            recomputed=float(recomputed[k]),
+            precomputed_tokens=int(pre_tokens[k]),
+            recomputed_tokens=int(counts[k]),
+        )
+        for k in range(2 * m)
+    ]
+    everyone = mine
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[list[ParityRow] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        # Tensor/pipeline ranks of one data-parallel rank report the same rows: keep one each.
+        unique = {(r.id, r.side): r for part in gathered for r in (part or [])}
+        everyone = list(unique.values())
+    report = ParityReport(everyone, atol)
+    if report.failures:
+        raise Step0ParityError(report.message())
+    return report

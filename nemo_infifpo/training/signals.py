@@ -1,0 +1,48 @@
+"""Graceful stop on SIGTERM / SIGUSR1 (Slurm's pre-emption and time-limit warnings).
+
+The handler only records the signal; the loop finishes the step it is in, saves a checkpoint
+and returns. Signals reach ranks at different times (or only some ranks), so the decision is
+agreed with one all-reduce per step: every rank stops after the same step.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["StopSignals"]
+
+_DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """Context manager: catches the stop signals while active, restores the old handlers after."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = _DEFAULT_SIGNALS) -> None:
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Callable[..., Any] | int | None] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+
+    def __enter__(self) -> "StopSignals":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def stop_requested(self, device: torch.device) -> bool:
+        """True on every rank if any rank has received a stop signal (collective)."""
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,0 +1,49 @@
+"""Train the pivot with InfiFPO (or DPO / IPO / SFT) on megatron-core (Hydra app).
+
+    torchrun --nproc_per_node=8 recipes/train_infifpo.py --config-name infifpo_phi4 \\
+        model.path=/ckpt/phi4-sft data.path=/data/scored.parquet output_dir=/runs/infifpo
+    python recipes/train_infifpo.py --config-name infifpo_tiny model.path=... data.path=...
+
+The configuration is validated (unknown keys, types, allowed values) before any process
+group or model is set up; the work itself is :func:`nemo_infifpo.training.loop.train`.
+Rerunning with the same ``output_dir`` resumes from its latest checkpoint. SIGTERM/SIGUSR1
+finish the current step, save a checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@hydra.main(config_path="../configs", config_name="infifpo_phi4", version_base=None)
+def main(cfg: DictConfig) -> None:
+    _setup_logging()
+    from nemo_infifpo.training.config import ConfigError, parse_config
+
+    try:
+        config = parse_config(cfg)
+    except ConfigError as error:
+        # A configuration mistake: say which key, without a traceback through Hydra.
+        print(f"configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    from nemo_infifpo.training.loop import train
+
+    train(config)
+
+
+if __name__ == "__main__":  # required: checkpoint saving re-imports __main__ in a helper process
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
