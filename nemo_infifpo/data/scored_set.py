@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nemo_infifpo.atomic import atomic_path
 from nemo_infifpo.data.rows import PreferenceDataError, PreferenceRow, normalize_record
 
 __all__ = [
@@ -183,17 +182,9 @@ def write_parquet_atomic(table: Any, path: str | Path) -> Path:
     """
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp_name, compression="zstd", use_dictionary=True, write_statistics=True)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=True, write_statistics=True)
+    return Path(path)
 
 
 def write_scored_set(

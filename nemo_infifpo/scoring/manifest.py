@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from nemo_infifpo.atomic import write_json_atomic
 from nemo_infifpo.data.rows import PreferenceRow
 from nemo_infifpo.data.scored_set import canonical_json
 
@@ -161,22 +160,6 @@ def dataset_fingerprint(rows: Iterable[PreferenceRow]) -> str:
         digest.update(canonical_json(row.to_record()).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write pretty, key-sorted JSON through a temporary file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_infifpo.atomic import write_text_atomic
 from nemo_infifpo.training.optimizer import TrainingOptimizer
 
 __all__ = [
@@ -73,7 +74,7 @@ class TrainerState:
     data_parallel_size: int = 1
 
     def write(self, directory: Path) -> None:
-        _write_atomic(directory / TRAINER_STATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
+        write_text_atomic(directory / TRAINER_STATE_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, directory: Path) -> "TrainerState":
@@ -87,12 +88,6 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _is_complete(path: Path) -> bool:
@@ -193,7 +188,7 @@ def save_checkpoint(
         if final.exists():  # the same step saved before (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(root / LATEST_FILE, name + "\n")
+        write_text_atomic(root / LATEST_FILE, name + "\n")
         _prune(root, keep_last, keep=name)
     _barrier()
     return final
