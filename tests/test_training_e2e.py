@@ -165,6 +165,13 @@ def test_resume_reproduces_the_straight_run(resume):
     assert result["resumed"]["parity"] is None  # the step-0 check runs at step 0 only
 
 
+def test_resumed_run_keeps_hf_assets_after_pruning(resume):
+    _, result = resume
+    resumed = result["resumed"]
+    assert resumed["checkpoints_with_assets"] == {"step_0000004": True, "step_0000006": True}
+    assert resumed["assets_dir"].endswith("step_0000006/hf_assets") and resumed["assets_dir_has_config"]
+
+
 def test_resume_at_another_layout(resume):
     out, result = resume
     other = result["other_layout"]

@@ -18,7 +18,7 @@ from nemo_infifpo.training.config import LossConfig
 from nemo_infifpo.training.objective import Objective, per_sequence_logprobs
 from nemo_infifpo.training.sampler import BatchPlan
 from nemo_infifpo.training.schedule import CosineSchedule
-from nemo_infifpo.training.signals import StopSignals
+from nemo_infifpo.training.signals import StopSignals, stop_signals_deferred
 
 # --------------------------------------------------------------------------- schedule, sampler
 
@@ -196,6 +196,27 @@ def test_stop_signals_record_and_restore():
         os.kill(os.getpid(), signal.SIGUSR1)
         assert signals.received == signal.SIGUSR1 and signals.stop_requested(torch.device("cpu"))
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def _sleep_then_exit() -> None:  # a spawned child, like dist_checkpointing's writer helpers
+    import time
+
+    time.sleep(1.0)
+
+
+def test_stop_signals_are_deferred_during_a_save_and_spare_helper_processes():
+    import multiprocessing
+
+    with StopSignals() as signals:
+        with stop_signals_deferred():
+            child = multiprocessing.get_context("spawn").Process(target=_sleep_then_exit)
+            child.start()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert signals.received is None  # held back while the "save" runs
+        assert signals.received == signal.SIGUSR1  # delivered once it is over
+        os.kill(child.pid, signal.SIGUSR1)  # Slurm signals every process of the step
+        child.join(timeout=30)
+    assert child.exitcode == 0  # the helper survived and finished its work
 
 
 def test_find_latest_checkpoint_ignores_incomplete_ones(tmp_path):

@@ -258,6 +258,9 @@ class ShardedSafetensorsWriter:
 def copy_hf_assets(source: str | Path, destination: str | Path) -> list[str]:
     """Copy config, generation config, tokenizer and licence files; return the names copied."""
     source, destination = Path(source), Path(destination)
+    if not (source / "config.json").is_file():
+        # Never leave a checkpoint whose assets are silently missing: export needs them.
+        raise FileNotFoundError(f"{source} has no config.json: cannot copy the model's HF assets from it")
     destination.mkdir(parents=True, exist_ok=True)
     copied: list[str] = []
     for pattern in ASSET_PATTERNS:

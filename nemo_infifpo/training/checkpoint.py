@@ -162,6 +162,18 @@ def save_checkpoint(
     Collective over all ranks. Run under ``if __name__ == "__main__":`` (see
     ``nemo_infifpo.models.checkpoint.save_megatron_model``).
     """
+    from nemo_infifpo.models.checkpoint import hf_assets_dir
+    from nemo_infifpo.training.signals import stop_signals_deferred
+
+    with stop_signals_deferred():
+        final = _save_checkpoint(output_dir, model, optimizer, state, keep_last=keep_last)
+    # The newest checkpoint now holds the model's HF assets and is never pruned, whereas the
+    # directory they were copied from (a resumed-from checkpoint) may be pruned later.
+    model.loaded.assets_dir = hf_assets_dir(final)
+    return final
+
+
+def _save_checkpoint(output_dir: str | Path, model: Any, optimizer: TrainingOptimizer, state: TrainerState, *, keep_last: int) -> Path:
     from megatron.core import dist_checkpointing
 
     from nemo_infifpo.models.checkpoint import save_loaded_model

@@ -7,14 +7,15 @@ agreed with one all-reduce per step: every rank stops after the same step.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from types import FrameType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["StopSignals"]
+__all__ = ["StopSignals", "stop_signals_deferred"]
 
 _DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -46,3 +47,20 @@ class StopSignals:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+@contextlib.contextmanager
+def stop_signals_deferred(signals: tuple[signal.Signals, ...] = _DEFAULT_SIGNALS) -> Iterator[None]:
+    """Hold the stop signals back while a checkpoint is written; deliver them afterwards.
+
+    Slurm (and srun forwarding) signals every process of the step, including helper processes
+    that dist_checkpointing starts during a save (its async writer's multiprocessing manager);
+    with the default disposition they die and the save fails. A blocked signal stays pending
+    instead: this process handles it once the block lifts, and helpers started meanwhile
+    inherit the block, so they finish their work.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

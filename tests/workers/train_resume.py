@@ -78,7 +78,14 @@ def main(fixture_path: str, out_dir: str) -> None:
     dist.barrier()
 
     resumed, weights["resumed"] = run(fixture, out / "interrupted", tp=2)
-    summary["resumed"] = {"step": resumed.step, "parity": resumed.parity_max_abs_diff}
+    summary["resumed"] = {
+        "step": resumed.step,
+        "parity": resumed.parity_max_abs_diff,
+        # The checkpoint resumed from (step 3) is pruned by now: the model's HF assets must
+        # come from a checkpoint that still exists, or later saves copy nothing.
+        "assets_dir": str(resumed.model.loaded.assets_dir),
+        "assets_dir_has_config": (resumed.model.loaded.assets_dir / "config.json").is_file(),
+    }
     moved, weights["other_layout"] = run(fixture, out / "other_layout", pp=2)
     summary["other_layout"] = {"step": moved.step}
 
@@ -95,6 +102,10 @@ def main(fixture_path: str, out_dir: str) -> None:
             summary[name]["losses"] = [r["loss"] for r in tc.read_metrics(out / name)]
             summary[name]["steps_logged"] = [r["step"] for r in tc.read_metrics(out / name)]
         summary["straight"]["checkpoints"] = sorted(p.name for p in (out / "straight" / "checkpoints").iterdir())
+        summary["resumed"]["checkpoints_with_assets"] = {
+            p.name: (p / "hf_assets" / "config.json").is_file()
+            for p in (out / "interrupted" / "checkpoints").iterdir() if p.is_dir()
+        }
         for name, tensors in weights.items():
             torch.save(tensors, out / f"{name}.pt")
         (out / "result.json").write_text(json.dumps(summary, indent=1))
