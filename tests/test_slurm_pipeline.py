@@ -92,6 +92,12 @@ def assert_stage_order(cluster: Cluster, out: Path, ids: dict[str, str], n_tasks
     """Every stage started after everything before it had finished: by the stages' own
     markers (sub-second) and by Slurm's start/end times (whole seconds) of the jobs in ``ids``."""
     score_end = max(marker_time(out, f"score.{i}", "complete") for i in range(n_tasks))
+    units = [f"score.{i}" for i in range(n_tasks)] + ["merge", "train", "export"]
+    origin = min(marker_time(out, u, "started") for u in units)
+    # The stage timeline (seconds from the first start), shown with `pytest -s`.
+    for unit in units:
+        start, end = marker_time(out, unit, "started") - origin, marker_time(out, unit, "complete") - origin
+        print(f"timeline {unit:8s} {start:7.1f}s -> {end:7.1f}s")
     assert score_end <= marker_time(out, "merge", "started")
     assert marker_time(out, "merge", "complete") <= marker_time(out, "train", "started")
     assert marker_time(out, "train", "complete") <= marker_time(out, "export", "started")
