@@ -16,8 +16,14 @@ import logging
 import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
+# Before anything slow: a SIGTERM/SIGUSR1 during start-up (imports, model load, step-0 check)
+# is recorded and ends the run cleanly instead of killing the ranks (Slurm then requeues).
+from nemo_infifpo.training.signals import StopSignals
+
+STOP_SIGNALS = StopSignals().__enter__() if __name__ == "__main__" else None
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 
 def _setup_logging() -> None:
@@ -39,9 +45,17 @@ def main(cfg: DictConfig) -> None:
         # A configuration mistake: say which key, without a traceback through Hydra.
         print(f"configuration error: {error}", file=sys.stderr)
         sys.exit(2)
+    from nemo_infifpo.locking import OutputLockedError
+    from nemo_infifpo.training.checkpoint import CheckpointCorruptError
     from nemo_infifpo.training.loop import train
 
-    train(config)
+    try:
+        train(config, signals=STOP_SIGNALS)
+    except (ConfigError, OutputLockedError, CheckpointCorruptError) as error:
+        # Refusals that need a person (a changed config on resume, a second run, damaged
+        # checkpoints): one clear message, no traceback.
+        print(f"training refused: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # required: checkpoint saving re-imports __main__ in a helper process

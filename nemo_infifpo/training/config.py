@@ -30,6 +30,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "RESUME_GUARDED_KEYS",
     "TrainConfig",
     "TokenizerConfig",
     "TrainerConfig",
@@ -135,9 +136,22 @@ class TrainerConfig:
     # Before the first update, recompute the pivot's scores of the first global batch and
     # compare them with the precomputed p0 scores (catches template / layout / dtype bugs).
     step0_parity_check: bool = True
-    # Absolute tolerance on the scores in the configured normalisation (means with
-    # length_norm, sums without). fp32 agrees to ~1e-5; bf16 needs ~1e-2 on means.
+    # Tolerance per token: on the token-mean scores with length_norm; without it, a summed
+    # score over T tokens is allowed atol * T (rounding grows with T). fp32 agrees to ~1e-5;
+    # bf16 needs ~1e-2.
     step0_parity_atol: float = 1e-3
+
+
+# What a resume must keep as it was (nemo_infifpo.training.resume): the weights and optimizer
+# state continue from the checkpoint, so a change here would silently mix two runs.
+RESUME_GUARDED_KEYS: tuple[str, ...] = (
+    "model.path", "model.precision", "tokenizer.path", "tokenizer.chat_template",
+    "data.path", "data.max_length", "data.shuffle",
+    "loss.type", "loss.beta", "loss.fusion", "loss.clip", "loss.length_norm", "loss.include_pivot",
+    "optim.lr", "optim.min_lr", "optim.warmup_fraction", "optim.weight_decay", "optim.adam_beta1",
+    "optim.adam_beta2", "optim.adam_eps", "optim.grad_clip",
+    "trainer.max_steps", "trainer.max_epochs", "seed",
+)
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,11 @@ class CheckpointConfig:
     # Continue from output_dir/checkpoints/latest when it exists.
     resume: bool = True
     save_final: bool = True
+    # Verify every file of the checkpoint against its checksums before resuming from it.
+    verify_checksums: bool = True
+    # Keys of RESUME_GUARDED_KEYS that may differ from the checkpoint's run when resuming
+    # (e.g. [optim.lr, trainer.max_steps]); any other difference refuses the resume.
+    allow_changes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -269,6 +288,11 @@ def _convert(annotation: Any, value: Any, key: str) -> Any:
                 + ", ".join(repr(v) for v in allowed)
             )
         return value
+    if origin is tuple:  # tuple[X, ...]: a YAML list (or Hydra's [a,b]) of X
+        (inner, _) = get_args(annotation)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {_type_name(value)} {value!r}")
+        return tuple(_convert(inner, item, f"{key}[{i}]") for i, item in enumerate(value))
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {key!r} must be a section (mapping), got {_type_name(value)}")
@@ -352,6 +376,12 @@ def _check_values(c: TrainConfig) -> None:
     _require(t.max_steps == -1 or t.max_steps >= 1, "trainer.max_steps", f"must be -1 or >= 1, got {t.max_steps}")
     _require(t.step0_parity_atol > 0, "trainer.step0_parity_atol", f"must be > 0, got {t.step0_parity_atol}")
     _require(ck.interval >= 0, "checkpoint.interval", f"must be >= 0, got {ck.interval}")
+    for name in ck.allow_changes:
+        _require(
+            name in RESUME_GUARDED_KEYS,
+            "checkpoint.allow_changes",
+            f"names {name!r}, which is not checked on resume; checked keys: {', '.join(RESUME_GUARDED_KEYS)}",
+        )
     _require(lo.beta > 0, "loss.beta", f"must be > 0, got {lo.beta}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")

@@ -1,9 +1,10 @@
 """The InfiFPO training loop (``recipes/train_infifpo.py`` calls :func:`train`).
 
-Reads top to bottom: distributed set-up, data, model, optimizer and schedule, resume, the
-step-0 parity check, then one global batch per step through megatron's forward-backward
-schedule (pipeline parallel included), the update, metrics, checkpoints. A stop signal
-(SIGTERM/SIGUSR1) ends the run after the current step with a checkpoint and a normal return.
+Reads top to bottom: distributed set-up, the output directory's lock, data, the resume guard,
+model, optimizer and schedule, resume, the step-0 parity check, then one global batch per step
+through megatron's forward-backward schedule (pipeline parallel included), the update, metrics,
+checkpoints. A stop signal (SIGTERM/SIGUSR1) ends the run after the current step with a
+checkpoint and a normal return; during start-up, with a normal return before the first step.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import torch
 from nemo_infifpo.training.batches import MicroBatch, pack_micro_batches, pad_micro_batches, padded_length
 from nemo_infifpo.training.config import ConfigError, TrainConfig, config_to_dict
 
-__all__ = ["StepContext", "TrainResult", "train", "train_step"]
+__all__ = ["LOCK_FILE", "StepContext", "TrainResult", "train", "train_step"]
 
 log = logging.getLogger(__name__)
+
+# The output directory's lock (nemo_infifpo.locking): one training run per output_dir.
+LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -107,94 +111,134 @@ def train_step(model: Any, optimizer: Any, micro: list[MicroBatch], lr: float, f
     return metrics, optimizer.step(lr)
 
 
-def train(config: TrainConfig, *, callbacks: Sequence[Callable[[StepContext], None]] = ()) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    callbacks: Sequence[Callable[[StepContext], None]] = (),
+    signals: Any = None,
+) -> TrainResult:
     """Train the pivot as configured. Collective: every rank of the job calls it.
+
+    ``signals``: an active :class:`~nemo_infifpo.training.signals.StopSignals` that the caller
+    installed early (the recipe does, before its imports); otherwise one is installed here.
+    A stop signal at any point, start-up included, ends the run cleanly (return, exit 0).
 
     Scripts calling this must do so under ``if __name__ == "__main__":`` (checkpoint saving
     starts a process that re-imports ``__main__``).
     """
+    from nemo_infifpo.training.signals import StopSignals
+
+    if signals is not None:
+        return _train(config, callbacks, signals)
+    with StopSignals() as own:
+        return _train(config, callbacks, own)
+
+
+def _train(config: TrainConfig, callbacks: Sequence[Callable[[StepContext], None]], signals: Any) -> TrainResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from nemo_infifpo.atomic import write_text_atomic
     from nemo_infifpo.engine.distributed import init_distributed
+    from nemo_infifpo.locking import lock_on_rank0
     from nemo_infifpo.training.checkpoint import (
         TrainerState,
         find_latest_checkpoint,
+        find_resumable_checkpoint,
         load_train_state,
         remove_stale_temporaries,
         save_checkpoint,
     )
     from nemo_infifpo.training.dataset import load_training_data
+    from nemo_infifpo.training.errors import NonFiniteError
     from nemo_infifpo.training.metrics import MetricsLogger, peak_flops_per_second, training_flops
     from nemo_infifpo.training.model import MegatronInfiFPOModel
-    from nemo_infifpo.training.errors import NonFiniteError
     from nemo_infifpo.training.optimizer import build_optimizer
     from nemo_infifpo.training.parity import check_step0_parity
+    from nemo_infifpo.training.resume import check_resume, data_fingerprint, run_inputs
     from nemo_infifpo.training.sampler import BatchPlan
     from nemo_infifpo.training.schedule import CosineSchedule
-    from nemo_infifpo.training.signals import StopSignals
 
-    # ---- launch
+    # ---- launch; one run per output_dir (a second one is refused, on every rank)
     m = config.model
     info = init_distributed(m.tensor_model_parallel_size, m.pipeline_model_parallel_size, seed=config.seed)
     _check_launch(config, info)
     is_rank0 = info.rank == 0
     output_dir = Path(config.output_dir)
-    if is_rank0:
-        from omegaconf import OmegaConf
-
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_to_dict(config)))
-    remove_stale_temporaries(output_dir)
-    resume_from = find_latest_checkpoint(output_dir) if config.checkpoint.resume else None
-
-    # ---- data, model, optimizer
-    data = load_training_data(config)
-    plan = BatchPlan.create(
-        num_rows=len(data), global_batch_size=m.global_batch_size, data_parallel_size=info.dp,
-        seed=config.seed, shuffle=config.data.shuffle, max_steps=config.trainer.max_steps,
-        max_epochs=config.trainer.max_epochs,
-    )
-    model = MegatronInfiFPOModel.from_config(
-        config, data.source_names, path=str(resume_from) if resume_from else None
-    )
-    optimizer = build_optimizer(model.module, config, info.device)
-    schedule = CosineSchedule.from_fraction(config.optim.lr, config.optim.min_lr, plan.total_steps, config.optim.warmup_fraction)
-    state = TrainerState(tensor_model_parallel_size=info.tp, pipeline_model_parallel_size=info.pp, data_parallel_size=info.dp)
-    if resume_from is not None:
-        state = load_train_state(resume_from, model, optimizer, state)
-        if state.consumed_samples != state.step * m.global_batch_size:
-            # The data position is step-based: another global batch size would replay or skip rows.
-            raise ConfigError(
-                f"config key 'model.global_batch_size' is {m.global_batch_size}, but {resume_from} was "
-                f"trained with {state.consumed_samples // max(state.step, 1)} pairs per step; resume with "
-                "the same global batch size (or start a new output_dir)"
-            )
-        log.info("resumed from %s at step %d", resume_from, state.step)
-    te = model.uses_transformer_engine
-    # Sequence parallelism splits the sequence over TP ranks: lengths must divide evenly.
-    pad_multiple = math.lcm(config.data.pad_to_multiple_of, info.tp if m.sequence_parallel else 1)
-
-    # ---- step-0 parity: the pivot must reproduce the precomputed p0 scores
-    parity = None
-    if state.step == 0 and config.trainer.step0_parity_check and config.needs_reference_scores:
-        report = check_step0_parity(
-            model, data, plan.rank_share(0, info.dp_rank), length_norm=config.loss.length_norm,
-            atol=config.trainer.step0_parity_atol, micro_batch_size=m.micro_batch_size, pad_multiple=pad_multiple,
+    lock = lock_on_rank0(output_dir / LOCK_FILE, stage="training")
+    try:
+        remove_stale_temporaries(output_dir)
+        resume_from = (
+            find_resumable_checkpoint(output_dir, verify=config.checkpoint.verify_checksums)
+            if config.checkpoint.resume else None
         )
-        parity = report.max_abs_diff
-        log.info("step-0 parity: %d scores match p0 within %.3g (max |diff| %.3g)", len(report.rows), report.atol, parity)
 
-    logger = MetricsLogger(
-        output_dir, config.logging, enabled=is_rank0, total_steps=plan.total_steps, start_step=state.step,
-        run_config=config_to_dict(config),
-    )
-    forward_backward = get_forward_backward_func()
-    peak = peak_flops_per_second(info.device)
-    checkpoint: Path | None = None
-    stopped = False
+        # ---- data and plan; a resume must continue the run its checkpoint was saved from
+        data = load_training_data(config)
+        plan = BatchPlan.create(
+            num_rows=len(data), global_batch_size=m.global_batch_size, data_parallel_size=info.dp,
+            seed=config.seed, shuffle=config.data.shuffle, max_steps=config.trainer.max_steps,
+            max_epochs=config.trainer.max_epochs,
+        )
+        inputs = run_inputs(config, data_fingerprint(data.ids, data.lengths, data.scores))
+        if resume_from is not None:
+            saved = TrainerState.read(resume_from)
+            check_resume(
+                resume_from, saved.inputs, saved.total_steps, saved.step, inputs, plan.total_steps,
+                config.checkpoint.allow_changes,
+            )
+        if is_rank0:
+            from omegaconf import OmegaConf
 
-    # ---- the loop
-    with StopSignals() as signals:
+            write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(config_to_dict(config)))
+
+        # ---- model, optimizer, resume
+        model = MegatronInfiFPOModel.from_config(
+            config, data.source_names, path=str(resume_from) if resume_from else None
+        )
+        optimizer = build_optimizer(model.module, config, info.device)
+        schedule = CosineSchedule.from_fraction(config.optim.lr, config.optim.min_lr, plan.total_steps, config.optim.warmup_fraction)
+        state = TrainerState(
+            tensor_model_parallel_size=info.tp, pipeline_model_parallel_size=info.pp, data_parallel_size=info.dp,
+            total_steps=plan.total_steps, inputs=inputs,
+        )
+        if resume_from is not None:
+            state = load_train_state(resume_from, model, optimizer, state)
+            if state.consumed_samples != state.step * m.global_batch_size:
+                # The data position is step-based: another global batch size would replay or skip rows.
+                raise ConfigError(
+                    f"config key 'model.global_batch_size' is {m.global_batch_size}, but {resume_from} was "
+                    f"trained with {state.consumed_samples // max(state.step, 1)} pairs per step; resume with "
+                    "the same global batch size (or start a new output_dir)"
+                )
+            log.info("resumed from %s at step %d", resume_from, state.step)
+        if _stopped_during_startup(signals, info, "loading the model", resume_from):
+            return TrainResult(model, optimizer, state.step, resume_from, True, None)
+        te = model.uses_transformer_engine
+        # Sequence parallelism splits the sequence over TP ranks: lengths must divide evenly.
+        pad_multiple = math.lcm(config.data.pad_to_multiple_of, info.tp if m.sequence_parallel else 1)
+
+        # ---- step-0 parity: the pivot must reproduce the precomputed p0 scores
+        parity = None
+        if state.step == 0 and config.trainer.step0_parity_check and config.needs_reference_scores:
+            report = check_step0_parity(
+                model, data, plan.rank_share(0, info.dp_rank), length_norm=config.loss.length_norm,
+                atol=config.trainer.step0_parity_atol, micro_batch_size=m.micro_batch_size, pad_multiple=pad_multiple,
+            )
+            parity = report.max_abs_diff
+            log.info("step-0 parity: %d scores match p0 (%s; max |diff| %.3g)", len(report.rows), report.tolerance_text(), parity)
+            if _stopped_during_startup(signals, info, "the step-0 parity check", resume_from):
+                return TrainResult(model, optimizer, state.step, resume_from, True, parity)
+
+        logger = MetricsLogger(
+            output_dir, config.logging, enabled=is_rank0, total_steps=plan.total_steps, start_step=state.step,
+            run_config=config_to_dict(config),
+        )
+        forward_backward = get_forward_backward_func()
+        peak = peak_flops_per_second(info.device)
+        checkpoint: Path | None = None
+        stopped = False
+
+        # ---- the loop
         while state.step < plan.total_steps:
             rows = plan.rank_share(state.step, info.dp_rank)
             micro = _micro_batches(config, data, rows, pad_multiple=pad_multiple, te=te)
@@ -241,5 +285,20 @@ def train(config: TrainConfig, *, callbacks: Sequence[Callable[[StepContext], No
             if stopped:
                 log.warning("stop signal received: saved step %d to %s, exiting", state.step, checkpoint)
                 break
-    logger.close()
-    return TrainResult(model, optimizer, state.step, checkpoint, stopped, parity)
+        logger.close()
+        return TrainResult(model, optimizer, state.step, checkpoint, stopped, parity)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _stopped_during_startup(signals: Any, info: Any, stage: str, resume_from: Path | None) -> bool:
+    """A stop signal that arrived before the first step: nothing new to save, so every rank
+    just returns (exit 0; Slurm requeues and the next run starts where this one would have)."""
+    if not signals.stop_requested(info.device):
+        return False
+    log.warning(
+        "stop signal received during start-up (by the end of %s): exiting before the first step; "
+        "the next run resumes from %s", stage, resume_from or "the pivot (no checkpoint yet)",
+    )
+    return True

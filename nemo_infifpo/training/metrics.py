@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from nemo_infifpo.atomic import write_text_atomic
 from nemo_infifpo.training.config import LoggingConfig
 
 __all__ = ["MetricsLogger", "peak_flops_per_second", "training_flops"]
@@ -99,13 +100,35 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step``: a resumed run repeats them from its checkpoint."""
+        """Drop records of steps after ``step`` (a resumed run repeats them from its checkpoint)
+        and repair a torn end: a node crash or a full disk can leave a partial or NUL-padded
+        last line, which is dropped with a warning (its step is repeated as well)."""
         if not self.path.is_file():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        raw = self.path.read_bytes()
+        lines = raw.decode("utf-8", errors="replace").split("\n")
+        kept: list[str] = []
+        for number, line in enumerate(lines, start=1):
+            text = line.replace("\x00", "").strip()
+            if not text:
+                continue
+            try:
+                record = json.loads(text)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as error:
+                if any(rest.replace("\x00", "").strip() for rest in lines[number:]):
+                    raise ValueError(
+                        f"{self.path}, line {number}: not a metrics record ({error}); only the last "
+                        "line can be torn by a crash. Move the file aside to start a new one."
+                    ) from None
+                log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", self.path, len(line))
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(text)
+        repaired = "".join(line + "\n" for line in kept)
+        if repaired.encode("utf-8") != raw:
+            write_text_atomic(self.path, repaired)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

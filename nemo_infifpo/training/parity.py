@@ -7,6 +7,10 @@ scoring saw: another tokenizer or chat template (different tokens or response bo
 a layout bug (TP/PP sharding), or a dtype mismatch. Training such a run would fit the loss
 against the wrong reference, so the run stops, listing the worst rows.
 
+The tolerance is per token: with ``length_norm`` the scores are token means and are compared
+within ``atol``; without it they are sums over T tokens, whose rounding error grows with T
+(float32 sums of ~2000 nats), so a sequence's sum is compared within ``atol * T``.
+
 The scores are recomputed with :func:`nemo_infifpo.engine.forward.compute_sequence_logprobs`,
 the forward path scoring uses, at the training layout, in eval mode.
 """
@@ -52,6 +56,16 @@ class ParityRow:
 class ParityReport:
     rows: list[ParityRow]
     atol: float
+    # Scores are sums (length_norm off): the tolerance of a row is atol x its token count.
+    per_token: bool = False
+
+    def tolerance(self, row: ParityRow) -> float:
+        return self.atol * max(row.precomputed_tokens, 1) if self.per_token else self.atol
+
+    def tolerance_text(self) -> str:
+        if self.per_token:
+            return f"within {self.atol:g} per token of each summed score"
+        return f"within {self.atol:g}"
 
     @property
     def max_abs_diff(self) -> float:
@@ -59,22 +73,23 @@ class ParityReport:
 
     @property
     def failures(self) -> list[ParityRow]:
-        return sorted((r for r in self.rows if r.diff > self.atol), key=lambda r: -r.diff)
+        return sorted((r for r in self.rows if r.diff > self.tolerance(r)), key=lambda r: -r.diff)
 
     def message(self) -> str:
         worst = self.failures[:_ROWS_SHOWN]
         lines = [
             f"step-0 parity failed: {len(self.failures)} of {len(self.rows)} sequence scores of the first "
             f"global batch differ from the precomputed p0 scores by more than "
-            f"trainer.step0_parity_atol={self.atol:g} (max {self.max_abs_diff:.3g}). At step 0 the "
-            "pivot is p0, so this is a tokenizer/chat-template, layout or dtype mismatch between "
-            "scoring and training, not noise. Worst rows:",
-            f"  {'id':<24} {'side':<8} {'precomputed':>14} {'recomputed':>14} {'diff':>11} tokens(pre/re)",
+            f"trainer.step0_parity_atol={self.atol:g}{' per token' if self.per_token else ''} "
+            f"(max {self.max_abs_diff:.3g}). At step 0 the pivot is p0, so a difference beyond float "
+            "rounding is a tokenizer/chat-template, layout or dtype mismatch between scoring and "
+            "training. Worst rows:",
+            f"  {'id':<24} {'side':<8} {'precomputed':>14} {'recomputed':>14} {'diff':>11} {'allowed':>9} tokens(pre/re)",
         ]
         for r in worst:
             lines.append(
                 f"  {r.id[:24]:<24} {r.side:<8} {r.precomputed:>14.6f} {r.recomputed:>14.6f} "
-                f"{r.diff:>11.3g} {r.precomputed_tokens}/{r.recomputed_tokens}"
+                f"{r.diff:>11.3g} {self.tolerance(r):>9.3g} {r.precomputed_tokens}/{r.recomputed_tokens}"
             )
         return "\n".join(lines)
 
@@ -131,7 +146,7 @@ def check_step0_parity(
         # Tensor/pipeline ranks of one data-parallel rank report the same rows: keep one each.
         unique = {(r.id, r.side): r for part in gathered for r in (part or [])}
         everyone = list(unique.values())
-    report = ParityReport(everyone, atol)
+    report = ParityReport(everyone, atol, per_token=not length_norm)
     if report.failures:
         raise Step0ParityError(report.message())
     return report

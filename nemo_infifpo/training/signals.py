@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import signal
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: the recipe installs StopSignals before its heavy imports,
+# so that a signal during start-up (imports, model load) is recorded instead of killing ranks.
 
 __all__ = ["StopSignals", "stop_signals_deferred"]
 
@@ -41,8 +44,11 @@ class StopSignals:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
-    def stop_requested(self, device: torch.device) -> bool:
+    def stop_requested(self, device: "torch.device") -> bool:
         """True on every rank if any rank has received a stop signal (collective)."""
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
