@@ -25,14 +25,18 @@ def _setup_logging() -> None:
 @hydra.main(config_path="../configs", config_name="score", version_base=None)
 def main(cfg: DictConfig) -> None:
     _setup_logging()
+    from nemo_infifpo.data.errors import exit_on_input_error
     from nemo_infifpo.scoring.backends import shutdown_distributed
     from nemo_infifpo.scoring.job import ScoreConfig, run_scoring
+    from nemo_infifpo.scoring.manifest import ScoringMismatchError
 
-    config = ScoreConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    try:
-        run_scoring(config)
-    finally:
-        shutdown_distributed()
+    # Bad options, data, templates or paths end with one message naming them, no traceback.
+    with exit_on_input_error(ScoringMismatchError, stage="score"):
+        config = ScoreConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        try:
+            run_scoring(config)
+        finally:
+            shutdown_distributed()
 
 
 if __name__ == "__main__":

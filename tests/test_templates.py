@@ -171,7 +171,8 @@ def test_template_that_is_not_prefix_stable_raises_with_the_row_id() -> None:
     ) as caught:
         encoder.encode_pair(SINGLE)
     assert "<think>" in str(caught.value)
-    assert "renders the generation prompt differently" in str(caught.value)
+    assert "the generation prompt opens a reasoning block" in str(caught.value)
+    assert "tokenizer.boundary=generation" in str(caught.value)
 
 
 def test_tokenisation_across_the_boundary_is_detected() -> None:

@@ -36,6 +36,13 @@ skipped), ``.json`` (a list of objects), ``.parquet``, and a directory written b
 Problems raise :class:`PreferenceDataError`, whose message names the file, the row (the line
 for JSONL), the row id when known and the field, e.g.
 ``data.jsonl, line 7 (id 'abc'): field 'chosen': expected a string or a list of messages, got int``.
+Its ``reason`` is a short code (``invalid_json``, ``invalid_row``, ``empty_content``,
+``identical_responses``, ``duplicate_id``, ``no_rows``, ``invalid_file``).
+
+:func:`read_preference_rows` applies the row policy (:mod:`nemo_infifpo.data.policy`): a row
+that cannot be used is left out and recorded, or stops the read, as ``data.on_invalid_row``
+says. A row whose id occurs more than once is ambiguous, so every occurrence is left out.
+Problems with the file as a whole (missing, unreadable, no rows at all) always stop the read.
 """
 
 from __future__ import annotations
@@ -47,15 +54,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nemo_infifpo.data.errors import InputError
+from nemo_infifpo.data.policy import ExclusionLog, RowExclusion, RowPolicy
+
 __all__ = [
     "ROLES",
     "Message",
     "PreferenceDataError",
     "PreferenceRow",
+    "RowsRead",
     "content_hash_id",
     "iter_preference_rows",
     "load_preference_rows",
     "normalize_record",
+    "read_preference_rows",
     "rows_from_records",
 ]
 
@@ -64,7 +76,7 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 HASH_ID_LENGTH = 16
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(InputError):
     """A preference row (or file) that cannot be used, with where and why.
 
     The attributes let callers report or filter without parsing the message.
@@ -79,8 +91,10 @@ class PreferenceDataError(ValueError):
         number: int | None = None,
         row_id: str | None = None,
         field: str | None = None,
+        reason: str | None = None,
     ) -> None:
         self.problem = problem
+        self.reason = reason or ("invalid_row" if number is not None else "invalid_file")
         self.source = source
         self.location = location
         self.number = number
@@ -95,6 +109,13 @@ class PreferenceDataError(ValueError):
             where = f"{where} (id {row_id!r})" if where else f"id {row_id!r}"
         what = f"field {field!r}: {problem}" if field else problem
         super().__init__(f"{where}: {what}" if where else what)
+
+    @property
+    def place(self) -> str | None:
+        """``data.jsonl, line 7``: where the row is, for rows without a known id."""
+        if self.number is None:
+            return self.source
+        return f"{self.source}, {self.location} {self.number}" if self.source else f"{self.location} {self.number}"
 
 
 @dataclass(frozen=True)
@@ -138,32 +159,98 @@ def load_preference_rows(path: str | Path, *, split: str | None = None) -> list[
 
 
 def iter_preference_rows(path: str | Path, *, split: str | None = None) -> Iterator[PreferenceRow]:
-    """Like :func:`load_preference_rows`, one row at a time (duplicate ids still detected)."""
-    path = Path(path)
+    """Like :func:`load_preference_rows`, one row at a time (duplicate ids still detected);
+    the first invalid row stops the read."""
+    source, location, records = _open_records(Path(path), split)
+    yield from _normalize_all(records, source=source, location=location)
+
+
+@dataclass
+class RowsRead:
+    """The usable rows of a file, the rows left out (with why), and how many there were."""
+
+    rows: list[PreferenceRow]
+    excluded: list[RowExclusion]
+    total: int  # records in the file, usable or not
+
+
+def read_preference_rows(
+    path: str | Path,
+    *,
+    split: str | None = None,
+    policy: RowPolicy | None = None,
+    stage: str = "read",
+) -> RowsRead:
+    """The rows of a data file under ``policy`` (see the module docstring): invalid rows are
+    left out and recorded, or stop the read; too many of them stop it with a summary
+    (:class:`~nemo_infifpo.data.policy.TooManyExcludedRows`). The same file and policy give
+    the same rows in every stage and on every rank."""
+    policy = policy or RowPolicy()
+    log = ExclusionLog(policy, stage=stage)
+    source, location, numbered = _open_records(Path(path), split)
+    kept: list[tuple[int, PreferenceRow]] = []
+    total = 0
+    for number, record in numbered:
+        total += 1
+        try:
+            kept.append((number, normalize_record(record, source=source, number=number, location=location)))
+        except PreferenceDataError as error:
+            log.reject(error, location=error.place)
+    if total == 0:
+        raise PreferenceDataError("no rows (the file is empty)", source=source, reason="no_rows")
+
+    # An id that occurs twice names two different rows: neither can be trusted to be the one
+    # another model scored, so all of its occurrences go.
+    numbers_of: dict[str, list[int]] = {}
+    for number, row in kept:
+        numbers_of.setdefault(row.id, []).append(number)
+    rows = []
+    for number, row in kept:
+        numbers = numbers_of[row.id]
+        if len(numbers) == 1:
+            rows.append(row)
+            continue
+        others = ", ".join(f"{location} {n}" for n in numbers if n != number)
+        log.reject(
+            PreferenceDataError(
+                f"duplicate id, also at {others}",
+                source=source,
+                location=location,
+                number=number,
+                row_id=row.id,
+                field="id",
+                reason="duplicate_id",
+            ),
+            location=f"{source}, {location} {number}",
+        )
+    log.check(total)
+    if not rows:
+        raise PreferenceDataError("no usable rows (every row was excluded)", source=source, reason="no_rows")
+    return RowsRead(rows=rows, excluded=log.entries, total=total)
+
+
+def _open_records(path: Path, split: str | None) -> tuple[str, str, Iterable[tuple[int, Any]]]:
+    """(source label, location word, numbered records) of any accepted file."""
     if not path.exists():
         raise FileNotFoundError(f"preference data not found: {path}")
-    source = str(path)
     if path.is_dir():
         source, records = _datasets_records(path, split)
-        yield from _normalize_all(records, source=source, location="row")
-        return
+        return source, "row", records
     if split is not None:
         raise PreferenceDataError(
-            f"split={split!r} only applies to a `datasets` saved directory", source=source
+            f"split={split!r} only applies to a `datasets` saved directory", source=str(path)
         )
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _normalize_all(_jsonl_records(path), source=source, location="line")
-    elif suffix == ".json":
-        yield from _normalize_all(_json_records(path), source=source, location="row")
-    elif suffix == ".parquet":
-        yield from _normalize_all(_parquet_records(path), source=source, location="row")
-    else:
-        raise PreferenceDataError(
-            "unsupported file type; expected .jsonl, .json, .parquet or a `datasets` "
-            "saved directory",
-            source=source,
-        )
+        return str(path), "line", _jsonl_records(path)
+    if suffix == ".json":
+        return str(path), "row", _json_records(path)
+    if suffix == ".parquet":
+        return str(path), "row", _parquet_records(path)
+    raise PreferenceDataError(
+        "unsupported file type; expected .jsonl, .json, .parquet or a `datasets` saved directory",
+        source=str(path),
+    )
 
 
 def rows_from_records(
@@ -171,6 +258,13 @@ def rows_from_records(
 ) -> list[PreferenceRow]:
     """Normalise in-memory records (rows numbered from 1), checking ids are unique."""
     return list(_normalize_all(enumerate(records, start=1), source=source, location="row"))
+
+
+class _BadRecord:
+    """A record that could not even be parsed; normalising it raises its error."""
+
+    def __init__(self, error: PreferenceDataError) -> None:
+        self.error = error
 
 
 def _normalize_all(
@@ -187,6 +281,7 @@ def _normalize_all(
                 number=number,
                 row_id=row.id,
                 field="id",
+                reason="duplicate_id",
             )
         first_seen_at[row.id] = number
         yield row
@@ -200,12 +295,16 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield line_number, json.loads(line)
             except json.JSONDecodeError as error:
-                raise PreferenceDataError(
-                    f"invalid JSON: {error.msg} (column {error.colno})",
-                    source=str(path),
-                    location="line",
-                    number=line_number,
-                ) from None
+                # Yielded, not raised: under the exclude policy the next lines still count.
+                yield line_number, _BadRecord(
+                    PreferenceDataError(
+                        f"invalid JSON: {error.msg} (column {error.colno})",
+                        source=str(path),
+                        location="line",
+                        number=line_number,
+                        reason="invalid_json",
+                    )
+                )
 
 
 def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -273,7 +372,7 @@ class _RowContext:
         self.number = number
         self.row_id: str | None = None
 
-    def error(self, field: str | None, problem: str) -> PreferenceDataError:
+    def error(self, field: str | None, problem: str, *, reason: str = "invalid_row") -> PreferenceDataError:
         return PreferenceDataError(
             problem,
             source=self.source,
@@ -281,6 +380,7 @@ class _RowContext:
             number=self.number,
             row_id=self.row_id,
             field=field,
+            reason=reason,
         )
 
 
@@ -293,6 +393,8 @@ def normalize_record(
 ) -> PreferenceRow:
     """Turn one record in any accepted format into a :class:`PreferenceRow` (no duplicate check:
     that needs the whole file, see :func:`rows_from_records`)."""
+    if isinstance(record, _BadRecord):
+        raise record.error
     context = _RowContext(source, location, number)
     if not isinstance(record, Mapping):
         raise context.error(
@@ -312,7 +414,7 @@ def normalize_record(
         )
     prompt = _resolve_prompt(record.get("prompt"), chosen_prefix, context)
     if chosen == rejected:
-        raise context.error("rejected", "identical to 'chosen'")
+        raise context.error("rejected", "identical to 'chosen'", reason="identical_responses")
 
     row_id = explicit_id if explicit_id is not None else content_hash_id(prompt, chosen, rejected)
     return PreferenceRow(id=row_id, prompt=prompt, chosen=chosen, rejected=rejected)
@@ -436,7 +538,7 @@ def _check_content(content: Any, field: str, context: _RowContext) -> None:
     if not isinstance(content, str):
         raise context.error(field, f"expected a string, got {_type_name(content)}")
     if not content.strip():
-        raise context.error(field, "empty content")
+        raise context.error(field, "empty content", reason="empty_content")
 
 
 def _first_difference(first: list[Message], second: list[Message]) -> str:

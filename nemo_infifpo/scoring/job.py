@@ -4,9 +4,13 @@ For every row, the log-prob sum and token count of the chosen and the rejected r
 the model, in the model's own tokenization (:class:`~nemo_infifpo.data.templates.
 ResponseTokenizer`, the project's only definition of the response tokens).
 
-Order of work, chosen so that mistakes cost seconds rather than GPU-hours: load and fingerprint
-the data and tokenizer, compare with the output directory's manifest (refuse on a mismatch),
-skip finished shards, and only then load the model. Each shard is tokenised on every rank,
+Order of work, chosen so that mistakes cost seconds rather than GPU-hours: check the options
+and the output directory, read the data (invalid rows left out or fatal, per ``data.
+on_invalid_row``), load and fingerprint the tokenizer, check the model's config (architecture,
+vocabulary, parallel layout), compare with the output directory's manifest (refuse on a
+mismatch), skip finished shards, tokenise the rest once to find the rows this model's template
+cannot encode (left out and recorded, or fatal; too many of them stop the job), and only then
+load the model. Each shard is tokenised on every rank,
 batched longest-first under the token budget, its batches dealt round-robin to the
 data-parallel ranks, and the results gathered to rank 0, which writes the shard.
 """
@@ -14,6 +18,7 @@ data-parallel ranks, and the results gathered to rank 0, which writes the shard.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -23,9 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from nemo_infifpo.data.rows import PreferenceRow, load_preference_rows
+from nemo_infifpo.data.errors import ConfigError, InputError
+from nemo_infifpo.data.policy import ExclusionLog, RowPolicy
+from nemo_infifpo.data.rows import PreferenceRow, read_preference_rows
 from nemo_infifpo.data.scored_set import package_version
-from nemo_infifpo.data.templates import ResponseTokenizer, TokenizedSequence, load_tokenizer
+from nemo_infifpo.data.templates import (
+    BOUNDARY_MODES,
+    ResponseTokenizer,
+    TokenizedPair,
+    TokenizedSequence,
+    load_tokenizer,
+)
 from nemo_infifpo.scoring.backends import BACKENDS, DTYPES, ScoringBackend, create_backend, parse_dtype
 from nemo_infifpo.scoring.batching import batch_stats, collate, plan_batches
 from nemo_infifpo.scoring.manifest import (
@@ -62,6 +75,11 @@ class ScoreConfig:
     max_length: int | None = None
     tokenizer_path: str | None = None
     chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    boundary: str = "conversation"
+    template_date: str | None = None  # None: DEFAULT_TEMPLATE_DATE
+    on_invalid_row: str = "exclude"
+    max_excluded_fraction: float = 0.01
     dtype: str = "bfloat16"
     max_tokens: int = 16384
     max_sequences: int | None = None
@@ -77,10 +95,22 @@ class ScoreConfig:
         """From the nested Hydra config (``model.path``, ``data.path``, ``shard.count``, ...)."""
 
         def section(name: str) -> Mapping[str, Any]:
-            return cfg.get(name) or {}
+            value = cfg.get(name) or {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name} must be a mapping of options, got {value!r}")
+            return value
 
-        def optional_int(value: Any) -> int | None:
-            return None if value is None else int(value)
+        def integer(key: str, value: Any) -> int:
+            # bool is an int subclass; "8" from a shell is fine, "eight" is not.
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ConfigError(f"{key} must be an integer, got {value!r}")
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+
+        def optional_int(key: str, value: Any) -> int | None:
+            return None if value is None else integer(key, value)
 
         model, data, tokenizer = section("model"), section("data"), section("tokenizer")
         batch, shard, hf = section("batch"), section("shard"), section("hf")
@@ -94,40 +124,72 @@ class ScoreConfig:
             if value in (None, "", "???")
         ]
         if missing:
-            raise ValueError(f"missing required option(s): {', '.join(missing)}")
+            raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+        kwargs = tokenizer.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise ConfigError(
+                "tokenizer.chat_template_kwargs must be a mapping, e.g. "
+                f"tokenizer.chat_template_kwargs={{enable_thinking:false}}, got {kwargs!r}"
+            )
+        policy = RowPolicy.from_mapping(data)
         return cls(
             model_path=str(model["path"]),
             backend=str(model.get("backend", "megatron")),
-            tensor_model_parallel_size=int(model.get("tensor_model_parallel_size", 1)),
-            pipeline_model_parallel_size=int(model.get("pipeline_model_parallel_size", 1)),
+            tensor_model_parallel_size=integer(
+                "model.tensor_model_parallel_size", model.get("tensor_model_parallel_size", 1)
+            ),
+            pipeline_model_parallel_size=integer(
+                "model.pipeline_model_parallel_size", model.get("pipeline_model_parallel_size", 1)
+            ),
             data_path=str(data["path"]),
             data_split=data.get("split"),
-            max_length=optional_int(data.get("max_length")),
+            max_length=optional_int("data.max_length", data.get("max_length")),
+            on_invalid_row=policy.on_invalid_row,
+            max_excluded_fraction=policy.max_excluded_fraction,
             output_dir=str(cfg["output_dir"]),
             tokenizer_path=tokenizer.get("path"),
             chat_template=tokenizer.get("chat_template"),
+            chat_template_kwargs=dict(kwargs),
+            boundary=str(tokenizer.get("boundary") or "conversation"),
+            template_date=None if tokenizer.get("template_date") is None else str(tokenizer["template_date"]),
             dtype=str(cfg.get("dtype", "bfloat16")),
-            max_tokens=int(batch.get("max_tokens", 16384)),
-            max_sequences=optional_int(batch.get("max_sequences")),
-            micro_batch_size=optional_int(batch.get("micro_batch_size")),
-            pad_to_multiple_of=int(batch.get("pad_to_multiple_of", 8)),
-            shard_index=optional_int(shard.get("index")),
-            shard_count=int(shard.get("count", 1)),
+            max_tokens=integer("batch.max_tokens", batch.get("max_tokens", 16384)),
+            max_sequences=optional_int("batch.max_sequences", batch.get("max_sequences")),
+            micro_batch_size=optional_int("batch.micro_batch_size", batch.get("micro_batch_size")),
+            pad_to_multiple_of=integer("batch.pad_to_multiple_of", batch.get("pad_to_multiple_of", 8)),
+            shard_index=optional_int("shard.index", shard.get("index")),
+            shard_count=integer("shard.count", shard.get("count", 1)),
             hf_logits=str(hf.get("logits", "auto")),
             progress=cfg.get("progress"),
         )
 
+    @property
+    def policy(self) -> RowPolicy:
+        return RowPolicy(self.on_invalid_row, self.max_excluded_fraction)
+
+    @property
+    def model_name(self) -> str:
+        """How exclusions name this model (the merge renames it to pivot / the source name)."""
+        return Path(self.model_path).name or str(self.model_path)
+
     def validate(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"model.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.boundary not in BOUNDARY_MODES:
+            raise ConfigError(
+                f"tokenizer.boundary must be one of {', '.join(BOUNDARY_MODES)}, got {self.boundary!r}"
+            )
         if self.shard_count < 1:
-            raise ValueError(f"shard.count must be >= 1, got {self.shard_count}")
+            raise ConfigError(f"shard.count must be >= 1, got {self.shard_count}")
         if self.shard_index is not None and not 0 <= self.shard_index < self.shard_count:
-            raise ValueError(f"shard.index must be in [0, {self.shard_count}), got {self.shard_index}")
+            raise ConfigError(f"shard.index must be in [0, {self.shard_count}), got {self.shard_index}")
         if self.max_tokens < 1:
-            raise ValueError(f"batch.max_tokens must be >= 1, got {self.max_tokens}")
+            raise ConfigError(f"batch.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"data.max_length must be >= 2 (or null), got {self.max_length}")
+        self.policy  # validates data.on_invalid_row and data.max_excluded_fraction
 
 
 @dataclass
@@ -169,6 +231,48 @@ def scoring_identity(
     )
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """``output_dir`` must be a directory this process can write (created when missing);
+    checked before any work so that a typo costs nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output_dir {str(path)!r} is an existing file, expected a directory (or a new path)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(
+            f"output_dir {str(path)!r} is not writable ({error.strerror or error}); choose another output_dir"
+        ) from None
+    return path
+
+
+def check_model(config: ScoreConfig, tokenizer: ResponseTokenizer) -> None:
+    """What can be known about the model from its config alone: that there is one, that the
+    back end supports it at this layout, and that the tokenizer's ids fit its vocabulary."""
+    from nemo_infifpo.models.checkpoint import hf_assets_dir
+    from nemo_infifpo.models.hf_io import load_hf_config
+
+    hf_config = load_hf_config(hf_assets_dir(config.model_path))
+    if config.backend == "megatron":
+        from nemo_infifpo.models.parallel import ParallelLayout, validate_parallel_layout
+        from nemo_infifpo.models.registry import describe_hf_config
+
+        arch = describe_hf_config(hf_config)
+        validate_parallel_layout(
+            arch, ParallelLayout(config.tensor_model_parallel_size, config.pipeline_model_parallel_size)
+        )
+    vocab = getattr(hf_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer.tokenizer) > int(vocab):
+        raise InputError(
+            f"the tokenizer ({_resolve_tokenizer_dir(config)}) has {len(tokenizer.tokenizer)} tokens but "
+            f"the model {config.model_path} has a vocabulary of {vocab}: token ids would fall outside "
+            "it; set tokenizer.path to this model's own tokenizer"
+        )
+
+
 def run_scoring(config: ScoreConfig) -> ScoringSummary:
     """Score the requested shards of ``config.data_path`` (all of them without ``shard_index``),
     skipping those already complete in ``config.output_dir``. Collective over all ranks."""
@@ -176,25 +280,44 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
 
     config.validate()
     started = time.perf_counter()
-    output_dir = Path(config.output_dir)
+    output_dir = check_output_dir(config.output_dir)
     summary = ScoringSummary(output_dir=output_dir)
     is_rank0 = read_launch_env().rank == 0
 
-    rows = load_preference_rows(config.data_path, split=config.data_split)
-    if not rows:
-        raise ValueError(f"{config.data_path}: no rows to score")
+    read = read_preference_rows(config.data_path, split=config.data_split, policy=config.policy)
+    rows = read.rows
+    if read.excluded:
+        log.warning("%d of %d rows of %s are invalid and left out", len(read.excluded), read.total, config.data_path)
     tokenizer_dir = _resolve_tokenizer_dir(config)
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir} (set tokenizer.path)")
-    tokenizer = ResponseTokenizer(load_tokenizer(tokenizer_dir), config.chat_template, config.max_length)
+    tokenizer = ResponseTokenizer(
+        load_tokenizer(tokenizer_dir),
+        config.chat_template,
+        config.max_length,
+        template_kwargs=config.chat_template_kwargs,
+        boundary=config.boundary,
+        template_date=config.template_date,
+    )
+    check_model(config, tokenizer)
     identity = scoring_identity(config, rows, tokenizer)
+    template = tokenizer.describe()
+    if template["clock_dependent"]:
+        log.info(
+            "the chat template reads the date (strftime_now); it is pinned to %s (tokenizer.template_date)",
+            template["template_date"],
+        )
     info = {
         "model_path": str(Path(config.model_path).resolve()),
         "tokenizer_path": str(tokenizer_dir.resolve()),
         "chat_template": tokenizer.template_name,
+        "template": template,
         "data_path": str(Path(config.data_path).resolve()),
         "data_split": config.data_split,
         "num_rows": len(rows),
+        "row_policy": config.policy.to_dict(),
+        "read_total": read.total,
+        "read_excluded": [entry.to_dict() for entry in read.excluded],
         "package_version": package_version(),
     }
     check_or_create_manifest(output_dir, identity, info, create=is_rank0)
@@ -215,6 +338,20 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
         summary.seconds = time.perf_counter() - started
         return summary
 
+    # Rows this model's template cannot encode are found before the model is loaded: under
+    # on_invalid_row=fail, or above max_excluded_fraction, the job stops in seconds.
+    shards = split_rows(rows, config.shard_count)
+    pending_rows = [row for index in pending for row in shards[index]]
+    check = ExclusionLog(config.policy, stage="score", model=config.model_name)
+    tokenizer.encode_rows(pending_rows, invalid=check)
+    check.check(len(pending_rows))
+    if check.entries:
+        log.warning(
+            "%d of %d rows cannot be encoded with this model's template and are left out",
+            len(check.entries),
+            len(pending_rows),
+        )
+
     backend = create_backend(
         config.backend,
         config.model_path,
@@ -228,7 +365,6 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
         # Every rank looked at the directory on its own; another job (an array task) may have
         # finished a shard in between. Rank 0's view decides, or the ranks would diverge.
         pending = backend.world.from_writer(pending)
-        shards = split_rows(rows, config.shard_count)
         for index in pending:
             _score_shard(config, backend, tokenizer, identity, index, shards[index], summary)
     finally:
@@ -272,7 +408,9 @@ def _score_shard(
     world = backend.world
     label = shard_name(index, config.shard_count)
     shard_started = time.perf_counter()
-    pairs, excluded = tokenizer.encode_rows(rows)
+    invalid = ExclusionLog(config.policy, stage="score", model=config.model_name)
+    pairs, too_long = tokenizer.encode_rows(rows, invalid=invalid)
+    excluded: list[Any] = [*too_long, *invalid.entries]
     # Sequence 2i is pair i's chosen response, 2i + 1 its rejected one.
     sequences: list[TokenizedSequence] = [seq for pair in pairs for seq in (pair.chosen, pair.rejected)]
     lengths = [len(seq) for seq in sequences]
@@ -285,10 +423,11 @@ def _score_shard(
     mine = batches[world.dp_rank :: world.dp_size]
     stats = batch_stats(batches, lengths)
     log.info(
-        "%s: %d rows (%d excluded by max_length), %d sequences in %d batches, %.1f%% padding",
+        "%s: %d rows (%d excluded by max_length, %d invalid), %d sequences in %d batches, %.1f%% padding",
         label,
         len(rows),
-        len(excluded),
+        len(too_long),
+        len(invalid.entries),
         len(sequences),
         stats.num_batches,
         100 * stats.padding_fraction,
@@ -342,7 +481,15 @@ def _score_shard(
             "padding_fraction": round(stats.padding_fraction, 6),
         }
         write_shard(
-            config.output_dir, index, config.shard_count, identity, scores, excluded, len(rows), run_info
+            config.output_dir,
+            index,
+            config.shard_count,
+            identity,
+            scores,
+            excluded,
+            len(rows),
+            run_info,
+            text_changes=_text_changes(pairs),
         )
         refresh_manifest(config.output_dir)
         log.info("%s: written (%d rows scored)", label, len(pairs))
@@ -353,3 +500,13 @@ def _score_shard(
     summary.rows_excluded += len(excluded)
     summary.real_tokens += stats.real_tokens
     summary.padded_tokens += stats.padded_tokens
+
+
+def _text_changes(pairs: list[TokenizedPair]) -> dict[str, list[str]]:
+    """kind -> ids of the rows whose response text the template changed (either side)."""
+    changes: dict[str, set[str]] = {}
+    for pair in pairs:
+        for sequence in (pair.chosen, pair.rejected):
+            if sequence.text_change is not None:
+                changes.setdefault(sequence.text_change, set()).add(pair.id)
+    return {kind: sorted(ids) for kind, ids in changes.items()}

@@ -9,7 +9,9 @@ Each finished shard ``k`` of ``K`` leaves two files in the output directory:
 - ``shard-0000k-of-0000K.parquet``: ``id``, ``chosen_logps``, ``rejected_logps`` (float64
   sums), ``chosen_tokens``, ``rejected_tokens`` (int64), one row per scored pair, in id order;
 - ``shard-0000k-of-0000K.json`` (the sidecar): the run identity, row counts, the rows excluded
-  by ``max_length`` (id, reason, lengths), and the sha256 of the Parquet file.
+  (``excluded``: id, stage, reason code, detail; lengths for ``max_length``), how the template
+  changed response texts (``text_changes``: count and first ids per kind), and the sha256 of
+  the Parquet file.
 
 The sidecar is written last (after the Parquet file is in place), so its presence with a
 matching identity and checksum is what "shard complete" means. Both writes are atomic.
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from nemo_infifpo.data.policy import MAX_LENGTH_REASON, RowExclusion
 from nemo_infifpo.data.rows import PreferenceRow
 from nemo_infifpo.data.scored_set import write_parquet_atomic
 from nemo_infifpo.data.templates import ExcludedRow
@@ -51,7 +54,9 @@ __all__ = [
 ]
 
 SHARD_COLUMNS = ("id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
+# Ids listed per kind of text change; the count covers all of them.
+_TEXT_CHANGE_IDS = 5
 
 
 def shard_name(index: int, count: int) -> str:
@@ -95,6 +100,7 @@ class ShardResult:
     excluded: list[dict[str, Any]]
     parquet_sha256: str
     parquet_file: str
+    text_changes: dict[str, dict[str, Any]] | None = None
 
 
 def _paths(output_dir: Path, index: int, count: int) -> tuple[Path, Path]:
@@ -112,13 +118,16 @@ def write_shard(
     count: int,
     identity: ScoringIdentity,
     scores: ShardScores,
-    excluded: Sequence[ExcludedRow],
+    excluded: Sequence[ExcludedRow | RowExclusion],
     num_rows: int,
     run_info: dict[str, Any] | None = None,
+    text_changes: dict[str, list[str]] | None = None,
 ) -> ShardResult:
     """Write the shard's Parquet file, then its sidecar (the completion marker).
 
-    ``run_info`` (parallel layout, batch plan, timing) is recorded for diagnosis only."""
+    ``excluded``: rows left out by ``max_length`` or as invalid; ``text_changes``: kind ->
+    ids of the rows whose response text the template changed. ``run_info`` (parallel layout,
+    batch plan, timing) is recorded for diagnosis only."""
     import pyarrow as pa
 
     output_dir = Path(output_dir)
@@ -139,18 +148,13 @@ def write_shard(
         identity=identity,
         num_rows=num_rows,
         num_scored=len(scores.ids),
-        excluded=[
-            {
-                "id": row.id,
-                "reason": row.reason,
-                "chosen_length": row.chosen_length,
-                "rejected_length": row.rejected_length,
-                "max_length": row.max_length,
-            }
-            for row in excluded
-        ],
+        excluded=[_exclusion_entry(row) for row in excluded],
         parquet_sha256=_sha256(parquet_path),
         parquet_file=parquet_path.name,
+        text_changes={
+            kind: {"count": len(ids), "ids": sorted(ids)[:_TEXT_CHANGE_IDS]}
+            for kind, ids in sorted((text_changes or {}).items())
+        },
     )
     write_json_atomic(
         sidecar_path,
@@ -165,12 +169,27 @@ def write_shard(
             "excluded": result.excluded,
             "parquet_file": result.parquet_file,
             "parquet_sha256": result.parquet_sha256,
+            "text_changes": result.text_changes,
             "status": "complete",
             # How it was computed (parallel layout, batching): diagnostics, not identity.
             "run": dict(run_info or {}),
         },
     )
     return result
+
+
+def _exclusion_entry(row: ExcludedRow | RowExclusion) -> dict[str, Any]:
+    if isinstance(row, RowExclusion):
+        return row.to_dict()
+    return {
+        "id": row.id,
+        "stage": "score",
+        "reason": MAX_LENGTH_REASON,
+        "detail": row.reason,
+        "chosen_length": row.chosen_length,
+        "rejected_length": row.rejected_length,
+        "max_length": row.max_length,
+    }
 
 
 def read_sidecar(output_dir: str | Path, index: int, count: int) -> ShardResult | None:
@@ -189,6 +208,7 @@ def read_sidecar(output_dir: str | Path, index: int, count: int) -> ShardResult 
             excluded=list(data["excluded"]),
             parquet_sha256=str(data["parquet_sha256"]),
             parquet_file=str(data["parquet_file"]),
+            text_changes=dict(data.get("text_changes") or {}),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{sidecar_path}: unreadable shard sidecar ({error})") from None
