@@ -122,8 +122,11 @@ def test_merge_writes_training_set_and_report(setup) -> None:
 
     assert json.loads(report_path_for(out).read_text()) == json.loads(json.dumps(report))
     assert (report["rows_in"], report["rows_out"], report["rows_excluded"]) == (6, 5, 1)
-    assert report["excluded"] == [{"id": "row3", "excluded_by": {"b": "longer than max_length=4096 tokens"}}]
-    assert report["excluded_by_model"] == {"pivot": 0, "a": 0, "b": 1, "c": 0}
+    assert report["excluded"] == [
+        {"id": "row3", "excluded_by": {"b": "max_length"}, "details": {"b": "longer than max_length=4096 tokens"}}
+    ]
+    assert report["excluded_by_model"] == {"pivot": {}, "a": {}, "b": {"max_length": 1}, "c": {}}
+    assert report["rows_invalid"] == 0 and report["read_excluded"] == []
     preview = report["length_normalised"]
     assert preview["mean_score"]["a"]["chosen"] == pytest.approx(float(means["source_chosen"][:, 0].mean()))
     # Other rows: sources and pivot share the scores, so nothing is clipped and max_margin's

@@ -192,7 +192,7 @@ def test_not_a_scored_set(tmp_path: Path) -> None:
     path.write_text(json.dumps({"prompt": "x", "chosen": "y", "rejected": "z"}) + "\n")
     with pytest.raises(ScoredSetError, match="not a scored set"):
         read_scored_set(path)
-    with pytest.raises(ScoredSetError, match="a directory, not a scored set"):
+    with pytest.raises(ScoredSetError, match="a directory, but not a `datasets` saved directory"):
         read_scored_set(tmp_path)
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(ScoredSetError, match="invalid JSON"):
@@ -245,14 +245,23 @@ def _paper_file(tmp_path: Path, rows: list[dict], suffix: str) -> Path:
     path = tmp_path / f"paper{suffix}"
     if suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    else:
+    elif suffix == ".parquet":
         pq.write_table(pa.Table.from_pylist(rows), path)
+    else:  # a `datasets` directory; "dict" as a DatasetDict with the rows under "train_prefs"
+        import datasets
+
+        dataset = datasets.Dataset.from_list(rows)
+        (datasets.DatasetDict({"train_prefs": dataset}) if suffix == "dict" else dataset).save_to_disk(str(path))
     return path
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def _read_paper(path: Path, suffix: str, **kwargs):
+    return read_scored_set(path, split="train_prefs" if suffix == "dict" else None, **kwargs)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", "dataset", "dict"])
 def test_paper_format(tmp_path: Path, suffix: str) -> None:
-    scored = read_scored_set(_paper_file(tmp_path, PAPER_ROWS, suffix))
+    scored = _read_paper(_paper_file(tmp_path, PAPER_ROWS, suffix), suffix)
     assert scored.format == "paper"
     assert scored.source_names == ("source_0", "source_1", "source_2")
     assert [r.rejected for r in scored.rows()] == [
@@ -284,10 +293,18 @@ def test_paper_format(tmp_path: Path, suffix: str) -> None:
     )
     assert losses[0].item() == pytest.approx(0.97003484, abs=1e-6)
     assert metrics["selected"][0].item() == 2
-    named = read_scored_set(
-        _paper_file(tmp_path, PAPER_ROWS, suffix), source_names=["qwen", "mistral", "gemma"]
+    named = _read_paper(
+        _paper_file(tmp_path, PAPER_ROWS, suffix), suffix, source_names=["qwen", "mistral", "gemma"]
     )
     assert named.source_names == ("qwen", "mistral", "gemma")
+
+
+def test_paper_format_dataset_dict_needs_a_split(tmp_path: Path) -> None:
+    path = _paper_file(tmp_path, PAPER_ROWS, "dict")
+    with pytest.raises(ScoredSetError, match=r"DatasetDict: pass split= \(available: 'train_prefs'\)"):
+        read_scored_set(path)
+    with pytest.raises(ScoredSetError, match=r"no split 'test'"):
+        read_scored_set(path, split="test")
 
 
 def _broken(row: int, **changes) -> list[dict]:

@@ -24,8 +24,8 @@ Sums are stored, never means: the mean ``S / T`` is derived on read, so one file
 JSON object with ``format_version``, ``source_names``, the pivot's and each source's
 fingerprints, the dataset fingerprint and the package version.
 
-:func:`read_scored_set` also reads the row format published with the paper's code (JSONL or
-Parquet): ``ref_chosen_logps`` / ``ref_mean_chosen_logps`` (sum / mean of the pivot) and
+:func:`read_scored_set` also reads the row format published with the paper's code (JSONL,
+JSON, Parquet, or a ``datasets.save_to_disk`` directory; a ``DatasetDict`` needs ``split=``): ``ref_chosen_logps`` / ``ref_mean_chosen_logps`` (sum / mean of the pivot) and
 ``fuse_chosen_logps`` / ``fuse_mean_chosen_logps`` (lists, one per source), likewise for
 ``rejected``. There the token counts are not stored; they are recovered as
 ``round(sum / mean)`` and must come out as positive whole numbers.
@@ -385,9 +385,12 @@ class ScoredSet:
 # --------------------------------------------------------------------------- reading
 
 
-def read_scored_set(path: str | Path, *, source_names: Sequence[str] | None = None) -> ScoredSet:
+def read_scored_set(
+    path: str | Path, *, source_names: Sequence[str] | None = None, split: str | None = None
+) -> ScoredSet:
     """Read a scored set: this project's Parquet format, or the paper's format (``.jsonl``,
-    ``.json`` list or ``.parquet``), detected from the columns.
+    ``.json`` list, ``.parquet`` or a ``datasets`` directory, ``split`` naming the part of a
+    ``DatasetDict``), detected from the columns.
 
     ``source_names`` names the sources of a paper-format file (default ``source_0``, ...);
     for a native file it must match the names stored in the file, if given.
@@ -396,9 +399,11 @@ def read_scored_set(path: str | Path, *, source_names: Sequence[str] | None = No
     if not path.exists():
         raise FileNotFoundError(f"scored set not found: {path}")
     if path.is_dir():
-        # e.g. a `datasets` directory of plain preference rows: a readable file, just not scored.
-        raise ScoredSetError(f"{path}: a directory, not a scored set (.parquet, .jsonl or .json)")
-    columns, metadata, num_rows = _load_columns(path)
+        columns, metadata, num_rows = _dataset_columns(path, split)
+    elif split is not None:
+        raise ScoredSetError(f"{path}: split={split!r} only applies to a `datasets` saved directory")
+    else:
+        columns, metadata, num_rows = _load_columns(path)
     if "source_chosen_logps" in columns or METADATA_KEY.decode() in metadata:
         return _read_native(path, columns, metadata, num_rows, source_names)
     if any(name.startswith(("fuse_", "ref_mean_")) for name in columns):
@@ -409,6 +414,30 @@ def read_scored_set(path: str | Path, *, source_names: Sequence[str] | None = No
         f"fuse_chosen_logps, fuse_mean_chosen_logps, ... for chosen and rejected); "
         f"found {', '.join(columns) or 'no columns'}"
     )
+
+
+def _dataset_columns(path: Path, split: str | None) -> tuple[dict[str, list[Any]], dict[str, Any], int]:
+    """The columns of a ``datasets.save_to_disk`` directory (the paper's format published as a
+    dataset); a plain directory or plain preference rows are refused by the caller's checks."""
+    import datasets  # slow to import; only needed for this format
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise ScoredSetError(
+            f"{path}: a directory, but not a `datasets` saved directory (a scored set is a "
+            ".parquet, .jsonl or .json file, or a directory from Dataset.save_to_disk)"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        available = ", ".join(repr(name) for name in loaded)
+        if split is None:
+            raise ScoredSetError(f"{path}: this is a DatasetDict: pass split= (available: {available})")
+        if split not in loaded:
+            raise ScoredSetError(f"{path}: no split {split!r} (available: {available})")
+        loaded = loaded[split]
+    elif split is not None:
+        raise ScoredSetError(f"{path}: split={split!r} given, but this is a single Dataset without splits")
+    return loaded.to_dict(), {}, loaded.num_rows
 
 
 def _load_columns(path: Path) -> tuple[dict[str, list[Any]], dict[str, Any], int]:

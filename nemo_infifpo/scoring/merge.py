@@ -1,12 +1,17 @@
 """Merge the pivot's and the sources' scoring outputs into the training set (contract 4).
 
 Every model directory is checked before anything is written: all shards complete, every shard
-computed from the manifest's inputs (no mixing of two runs), the same dataset as ``data.path``,
-every row of the dataset either scored exactly once or excluded by ``max_length``, finite sums
-and positive token counts. A row excluded by any model is excluded everywhere: fusion compares
-the models on the same text, and a row that one model cannot see cannot be fused.
+computed from the manifest's inputs (no mixing of two runs), the same dataset as ``data.path``
+(read under the same row policy), every row of the dataset either scored exactly once or
+excluded (by ``max_length``, or as invalid for that model's template), finite sums and positive
+token counts. A row excluded by any model is excluded everywhere: fusion compares the models
+on the same text, and a row that one model cannot see cannot be fused. Invalid rows (unreadable
+ones and those any model's template could not encode) are counted together against
+``data.max_excluded_fraction``; under ``data.on_invalid_row=fail`` any of them stops the merge.
 
 The JSON report next to the output (``<output>.report.json``) says what went in and out and
+lists the exclusions by model and reason, each model's template behaviour (pinned date, trimming,
+boundary mode) and how often its template changed a response text, and
 previews how training will treat the rows, computed with ``nemo_infifpo.loss`` itself:
 per-model mean scores, how often probability clipping changes a source score, and how often
 each candidate (sources, then the pivot) wins the ``max_margin`` selection at step 0.
@@ -23,7 +28,9 @@ from typing import Any
 
 import torch
 
-from nemo_infifpo.data.rows import PreferenceRow, load_preference_rows
+from nemo_infifpo.data.errors import InputError
+from nemo_infifpo.data.policy import MAX_LENGTH_REASON, RowExclusion, RowPolicy, check_fraction, summarize_exclusions
+from nemo_infifpo.data.rows import PreferenceRow, read_preference_rows
 from nemo_infifpo.data.scored_set import ModelScores, read_scored_set, write_scored_set
 from nemo_infifpo.scoring.manifest import (
     MANIFEST_NAME,
@@ -42,7 +49,7 @@ log = logging.getLogger(__name__)
 PIVOT = "pivot"
 
 
-class MergeError(ValueError):
+class MergeError(InputError):
     """Scores that cannot be merged; the message names the directory, file, row or source."""
 
 
@@ -55,7 +62,8 @@ class ModelScoreDir:
     identity: ScoringIdentity
     info: dict[str, Any]
     scores: dict[str, tuple[float, float, int, int]]  # id -> (chosen sum, rejected sum, chosen T, rejected T)
-    excluded: dict[str, str]  # id -> reason
+    excluded: dict[str, RowExclusion]
+    text_changes: dict[str, dict[str, Any]]  # kind -> {"count", "ids"} over all shards
 
 
 def report_path_for(output_path: str | Path) -> Path:
@@ -107,7 +115,8 @@ def load_score_dir(directory: str | Path, name: str) -> ModelScoreDir:
         )
 
     scores: dict[str, tuple[float, float, int, int]] = {}
-    excluded: dict[str, str] = {}
+    excluded: dict[str, RowExclusion] = {}
+    text_changes: dict[str, dict[str, Any]] = {}
     where: dict[str, str] = {}
     for index in range(count):
         sidecar = read_sidecar(directory, index, count)
@@ -133,8 +142,31 @@ def load_score_dir(directory: str | Path, name: str) -> ModelScoreDir:
                     f"{label}: {file}: id {row_id!r} is both excluded and scored (in {where[row_id]})"
                 )
             where[row_id] = f"{shard_name(index, count)}.json (excluded)"
-            excluded[row_id] = str(entry.get("reason", "excluded"))
-    return ModelScoreDir(name, directory, identity, dict(manifest.get("info", {})), scores, excluded)
+            excluded[row_id] = _exclusion(entry, name)
+        for kind, change in (sidecar.text_changes or {}).items():
+            total = text_changes.setdefault(kind, {"count": 0, "ids": []})
+            total["count"] += int(change.get("count", 0))
+            total["ids"] = sorted(set(total["ids"]) | set(change.get("ids", [])))[:5]
+    return ModelScoreDir(
+        name, directory, identity, dict(manifest.get("info", {})), scores, excluded, text_changes
+    )
+
+
+def _exclusion(entry: dict[str, Any], model: str) -> RowExclusion:
+    """A sidecar entry as a :class:`RowExclusion` named after the model's role in the merge.
+    Sidecars before version 2 held only max_length exclusions, their text under ``reason``."""
+    if "stage" not in entry:
+        return RowExclusion(
+            id=str(entry["id"]), stage="score", reason=MAX_LENGTH_REASON,
+            detail=str(entry.get("reason", "")), model=model,
+        )
+    return RowExclusion(
+        id=str(entry["id"]),
+        stage=str(entry["stage"]),
+        reason=str(entry.get("reason", "invalid")),
+        detail=str(entry.get("detail", "")),
+        model=model,
+    )
 
 
 def _check_values(label: str, file: str, row_id: str, values: tuple[float, float, int, int]) -> None:
@@ -159,9 +191,13 @@ def merge_scores(
     *,
     source_names: Sequence[str] | None = None,
     data_split: str | None = None,
+    policy: RowPolicy | None = None,
 ) -> dict[str, Any]:
     """Write the training set to ``output_path`` and its report next to it; returns the report."""
+    policy = policy or RowPolicy()
     output_path = Path(output_path)
+    if output_path.is_dir():
+        raise MergeError(f"output_path {str(output_path)!r} is an existing directory, expected a file path")
     source_dirs = [Path(d) for d in source_dirs]
     names = [str(n) for n in source_names] if source_names is not None else [d.name for d in source_dirs]
     if len(names) != len(source_dirs):
@@ -171,7 +207,8 @@ def merge_scores(
     if PIVOT in names:
         raise MergeError(f"{PIVOT!r} is reserved for the pivot; rename that source")
 
-    rows = load_preference_rows(data_path, split=data_split)
+    read = read_preference_rows(data_path, split=data_split, policy=policy)
+    rows = read.rows
     data_fp = dataset_fingerprint(rows)
     models = [load_score_dir(pivot_dir, PIVOT)] + [
         load_score_dir(d, n) for d, n in zip(source_dirs, names, strict=True)
@@ -181,7 +218,9 @@ def merge_scores(
             raise MergeError(
                 f"{model.name} ({model.path}): scored on a different dataset than {data_path} "
                 f"(dataset fingerprint {model.identity.dataset_fingerprint[:12]}… vs "
-                f"{data_fp[:12]}…; scored from {model.info.get('data_path', 'unknown')})"
+                f"{data_fp[:12]}…; scored from {model.info.get('data_path', 'unknown')}"
+                + _policy_hint(model, policy)
+                + ")"
             )
 
     # Every row must be accounted for by every model, exactly once.
@@ -194,13 +233,27 @@ def merge_scores(
         if extra:
             raise MergeError(f"{model.name} ({model.path}): id {extra[0]!r} is not in {data_path}")
 
-    excluded_by: dict[str, dict[str, str]] = {}
+    excluded_by: dict[str, dict[str, RowExclusion]] = {}
     for model in models:
-        for row_id, reason in model.excluded.items():
-            excluded_by.setdefault(row_id, {})[model.name] = reason
+        for row_id, entry in model.excluded.items():
+            excluded_by.setdefault(row_id, {})[model.name] = entry
+    invalid = [
+        entry for model in models for entry in model.excluded.values() if entry.reason != MAX_LENGTH_REASON
+    ]
+    if invalid and policy.on_invalid_row == "fail":
+        raise MergeError(
+            f"{len(invalid)} row(s) could not be encoded by some model's template and "
+            f"data.on_invalid_row=fail: {summarize_exclusions(invalid)}"
+        )
+    # Fusion needs every model: a row invalid for any one of them is lost once, for all.
+    first_invalid: dict[str | None, RowExclusion] = {}
+    for entry in invalid:
+        first_invalid.setdefault(entry.id, entry)
+    lost = [*read.excluded, *first_invalid.values()]
+    check_fraction(lost, read.total, policy, stage="merge")
     kept = [row for row in rows if row.id not in excluded_by]
     if not kept:
-        raise MergeError(f"every row of {data_path} was excluded by some model's max_length")
+        raise MergeError(f"every row of {data_path} was excluded by some model (max_length or invalid)")
 
     def aligned(model: ModelScoreDir) -> ModelScores:
         values = [model.scores[row.id] for row in kept]
@@ -214,6 +267,8 @@ def merge_scores(
             **model.identity.to_dict(),
             "model_path": model.info.get("model_path"),
             "chat_template": model.info.get("chat_template"),
+            # Boundary mode, template arguments and pinned date: what training must render with.
+            "template": model.info.get("template"),
         }
 
     write_scored_set(
@@ -226,7 +281,9 @@ def merge_scores(
         source_fingerprints=[fingerprints(m) for m in models[1:]],
         dataset_fingerprint=data_fp,
     )
-    report = _report(output_path, data_path, rows, kept, excluded_by, models, names)
+    report = _report(output_path, data_path, read.total, rows, kept, excluded_by, models, names)
+    report["read_excluded"] = [entry.to_dict() for entry in read.excluded]
+    report["rows_invalid"] = len(lost)
     write_json_atomic(report_path_for(output_path), report)
     log.info(
         "merged %d of %d rows (%d excluded) from the pivot and %d source(s) into %s",
@@ -239,12 +296,23 @@ def merge_scores(
     return report
 
 
+def _policy_hint(model: ModelScoreDir, policy: RowPolicy) -> str:
+    recorded = model.info.get("row_policy")
+    if recorded and recorded != policy.to_dict():
+        return (
+            f"; it was read with data.on_invalid_row={recorded.get('on_invalid_row')!r}, "
+            f"data.max_excluded_fraction={recorded.get('max_excluded_fraction')!r}: merge with the same"
+        )
+    return ""
+
+
 def _report(
     output_path: Path,
     data_path: str | Path,
+    rows_total: int,
     rows: list[PreferenceRow],
     kept: list[PreferenceRow],
-    excluded_by: dict[str, dict[str, str]],
+    excluded_by: dict[str, dict[str, RowExclusion]],
     models: list[ModelScoreDir],
     names: list[str],
 ) -> dict[str, Any]:
@@ -302,16 +370,31 @@ def _report(
         previews[key] = preview
 
     excluded_rows = [
-        {"id": row.id, "excluded_by": excluded_by[row.id]} for row in rows if row.id in excluded_by
+        {
+            "id": row.id,
+            "excluded_by": {name: entry.reason for name, entry in excluded_by[row.id].items()},
+            "details": {name: entry.detail for name, entry in excluded_by[row.id].items()},
+        }
+        for row in rows
+        if row.id in excluded_by
     ]
+    by_model: dict[str, dict[str, int]] = {}
+    for m in models:
+        counts: dict[str, int] = {}
+        for entry in m.excluded.values():
+            counts[entry.reason] = counts.get(entry.reason, 0) + 1
+        by_model[m.name] = dict(sorted(counts.items()))
     return {
         "output": str(output_path),
         "data_path": str(data_path),
+        "rows_total": rows_total,
         "rows_in": len(rows),
         "rows_out": len(kept),
         "rows_excluded": len(excluded_rows),
-        "excluded_by_model": {m.name: len(m.excluded) for m in models},
+        "excluded_by_model": by_model,
         "excluded": excluded_rows,
+        "text_changes": {m.name: m.text_changes for m in models},
+        "templates": {m.name: m.info.get("template") for m in models},
         "sources": names,
         "candidates": candidates,
         "models": {
