@@ -266,7 +266,9 @@ def copy_hf_assets(source: str | Path, destination: str | Path) -> list[str]:
     for pattern in ASSET_PATTERNS:
         for file in sorted(source.glob(pattern)):
             if file.is_file() and file.name not in copied:
-                shutil.copy2(file, destination / file.name)
+                # Contents only: the copy gets this process's umask like every file we write
+                # (a read-only source must not make the checkpoint unreadable to the group).
+                shutil.copyfile(file, destination / file.name)
                 copied.append(file.name)
     return copied
 
