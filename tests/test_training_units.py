@@ -262,3 +262,48 @@ def test_training_flops_is_about_six_n_per_token():
     per_token = training_flops(phi4, [1]) / 1
     assert per_token == pytest.approx(6 * 14.2e9, rel=0.03)  # 6 x (params without the input embedding)
     assert training_flops(phi4, [4096]) > 4096 * per_token  # attention grows with length
+
+
+# --------------------------------------------------------------------------- scoring setup vs training
+
+
+def _train_config(**model):
+    from nemo_infifpo.training.config import parse_config
+
+    return parse_config({"model": {"path": "p0", **model}, "data": {"path": "train.parquet"}, "output_dir": "o"})
+
+
+def test_a_pivot_scored_in_another_dtype_is_named_before_any_model_is_built():
+    from nemo_infifpo.training.config import ConfigError
+    from nemo_infifpo.training.dataset import check_scoring_setup
+
+    with pytest.raises(ConfigError) as error:
+        check_scoring_setup(_train_config(precision="fp32"), {"dtype": "bfloat16", "backend": "megatron"})
+    message = str(error.value)
+    assert "train.parquet" in message and "scored in bfloat16" in message and "model.precision=fp32" in message
+    assert "rescore the pivot with dtype=float32" in message and "model.precision=bf16" in message
+    check_scoring_setup(_train_config(precision="fp32"), {"dtype": "float32", "backend": "hf"})  # fp32: fine
+
+
+def test_in_bf16_the_scoring_layout_and_back_end_must_match():
+    from nemo_infifpo.training.config import ConfigError
+    from nemo_infifpo.training.dataset import check_scoring_setup
+
+    bf16 = _train_config(precision="bf16", tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    check_scoring_setup(bf16, {"dtype": "bfloat16", "backend": "megatron",
+                               "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2})
+    with pytest.raises(ConfigError, match=r"scored at TP=1 PP=1 but training runs TP=2 PP=2.*tensor_model_parallel_size=2"):
+        check_scoring_setup(bf16, {"dtype": "bfloat16", "backend": "megatron",
+                                   "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1})
+    with pytest.raises(ConfigError, match="'hf' back end.*model.backend=megatron"):
+        check_scoring_setup(bf16, {"dtype": "bfloat16", "backend": "hf"})
+
+
+def test_without_the_parity_check_a_scoring_mismatch_is_only_logged(caplog):
+    from nemo_infifpo.training.config import parse_config
+    from nemo_infifpo.training.dataset import check_scoring_setup
+
+    config = parse_config({"model": {"path": "p0"}, "data": {"path": "t"}, "output_dir": "o",
+                           "trainer": {"step0_parity_check": False}})
+    check_scoring_setup(config, {"dtype": "bfloat16"})
+    assert "scored in bfloat16" in caplog.text

@@ -26,7 +26,13 @@ from nemo_infifpo.data.rows import PreferenceRow, load_preference_rows
 from nemo_infifpo.data.templates import ExcludedRow, ResponseTokenizer, TokenizedPair, load_tokenizer
 from nemo_infifpo.training.config import ConfigError, TrainConfig
 
-__all__ = ["FingerprintMismatchError", "TrainingData", "load_training_data", "pivot_tokenizer_dir"]
+__all__ = [
+    "FingerprintMismatchError",
+    "TrainingData",
+    "check_scoring_setup",
+    "load_training_data",
+    "pivot_tokenizer_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +125,52 @@ def _check_fingerprint(config: TrainConfig, scored, tokenizer: ResponseTokenizer
         )
 
 
+_PRECISION_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def check_scoring_setup(config: TrainConfig, pivot: dict) -> None:
+    """Compare how the pivot was scored (its scoring manifest, carried into the scored set)
+    with how training will recompute it, before any model is built.
+
+    Step-0 parity holds tightly only when both sides compute the same numbers: the same dtype
+    always; in bf16 also the same back end and TP/PP layout (reduction order changes bf16 sums
+    by far more than fp32 rounding). A difference is named with its fix instead of surfacing
+    later as a parity failure; with ``trainer.step0_parity_check=false`` it is only logged.
+    """
+    if not config.needs_reference_scores or not pivot:
+        return
+    m = config.model
+    wanted = _PRECISION_DTYPE[m.precision]
+    problems = []
+    scored_dtype = pivot.get("dtype")
+    if scored_dtype is not None and scored_dtype != wanted:
+        problems.append(
+            f"the pivot was scored in {scored_dtype} but training runs model.precision={m.precision} "
+            f"({wanted}): rescore the pivot with dtype={wanted} (recipes/score.py), or train with "
+            f"model.precision={ {v: k for k, v in _PRECISION_DTYPE.items()}.get(scored_dtype, '?')}"
+        )
+    if wanted == "bfloat16":
+        layout = (pivot.get("tensor_model_parallel_size"), pivot.get("pipeline_model_parallel_size"))
+        ours = (m.tensor_model_parallel_size, m.pipeline_model_parallel_size)
+        if None not in layout and layout != ours:
+            problems.append(
+                f"the pivot was scored at TP={layout[0]} PP={layout[1]} but training runs TP={ours[0]} PP={ours[1]}; "
+                f"in bf16 the layout changes the scores: rescore the pivot with model.tensor_model_parallel_size="
+                f"{ours[0]} model.pipeline_model_parallel_size={ours[1]}"
+            )
+        if pivot.get("backend") not in (None, "megatron"):
+            problems.append(
+                f"the pivot was scored with the {pivot.get('backend')!r} back end; training recomputes it with "
+                "megatron, which in bf16 gives other numbers: rescore the pivot with model.backend=megatron"
+            )
+    if not problems:
+        return
+    text = f"{config.data.path}: " + "; ".join(problems)
+    if config.trainer.step0_parity_check:
+        raise ConfigError(text + " (or set trainer.step0_parity_check=false to train against these scores anyway)")
+    log.warning("%s", text)
+
+
 def _measure_lengths(tokenizer: ResponseTokenizer, rows: list[PreferenceRow]) -> torch.Tensor:
     """[N, 2] sequence lengths; each rank tokenizes every world_size-th row, then all share."""
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -146,6 +198,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     rows, scored = _read(config)
     if scored is not None:
         _check_fingerprint(config, scored, tokenizer)
+        check_scoring_setup(config, (scored.metadata or {}).get("pivot") or {})
 
     lengths = _measure_lengths(tokenizer, rows)
     if config.loss.type == "sft":
