@@ -410,3 +410,76 @@ def test_split_only_applies_to_datasets_directories(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "data.jsonl", [GOOD])
     with pytest.raises(PreferenceDataError, match=r"data\.jsonl: split='train' only applies"):
         load_preference_rows(path, split="train")
+
+
+# --------------------------------------------------------------------------- the row policy
+
+from nemo_infifpo.data.policy import RowPolicy, TooManyExcludedRows  # noqa: E402
+from nemo_infifpo.data.rows import read_preference_rows  # noqa: E402
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _good(i: int) -> str:
+    return json.dumps({"id": f"g{i}", "prompt": f"Q{i}?", "chosen": f"A{i}.", "rejected": f"B{i}."})
+
+
+def test_policy_exclude_keeps_reading_past_bad_rows_and_records_each(tmp_path: Path) -> None:
+    path = _write_lines(
+        tmp_path / "data.jsonl",
+        [
+            _good(0),
+            '{"id": "broken", "prompt": ',
+            json.dumps({"id": "same", "prompt": "Q?", "chosen": "A.", "rejected": "A."}),
+            json.dumps({"id": "blank", "prompt": "Q?", "chosen": "  ", "rejected": "B."}),
+            _good(1),
+            json.dumps({"id": "g1", "prompt": "Other?", "chosen": "C.", "rejected": "D."}),
+            _good(2),
+        ],
+    )
+    read = read_preference_rows(path, policy=RowPolicy(max_excluded_fraction=1.0))
+    assert [row.id for row in read.rows] == ["g0", "g2"]  # both rows with id g1 are ambiguous
+    assert read.total == 7
+    reasons = [(e.id, e.reason, e.location) for e in read.excluded]
+    assert reasons == [
+        (None, "invalid_json", f"{path}, line 2"),
+        ("same", "identical_responses", f"{path}, line 3"),
+        ("blank", "empty_content", f"{path}, line 4"),
+        ("g1", "duplicate_id", f"{path}, line 5"),
+        ("g1", "duplicate_id", f"{path}, line 6"),
+    ]
+    assert all(e.stage == "read" for e in read.excluded)
+    assert "also at line 6" in read.excluded[3].detail
+
+
+def test_policy_fail_stops_at_the_first_bad_row(tmp_path: Path) -> None:
+    path = _write_lines(tmp_path / "data.jsonl", [_good(0), '{"id": 1,', _good(1)])
+    with pytest.raises(PreferenceDataError, match=r"data.jsonl, line 2: invalid JSON") as caught:
+        read_preference_rows(path, policy=RowPolicy(on_invalid_row="fail"))
+    assert caught.value.reason == "invalid_json"
+
+
+def test_policy_fraction_counts_only_invalid_rows_and_summarises(tmp_path: Path) -> None:
+    lines = [_good(i) for i in range(99)] + ['{"id": "bad"']
+    assert len(read_preference_rows(_write_lines(tmp_path / "ok.jsonl", lines)).rows) == 99
+    lines = [_good(i) for i in range(98)] + ['{"id": "bad"', json.dumps({"id": "x", "chosen": "a", "rejected": "b"})]
+    with pytest.raises(TooManyExcludedRows) as caught:
+        read_preference_rows(_write_lines(tmp_path / "two.jsonl", lines))
+    message = str(caught.value)
+    assert "2 of 100 rows are invalid (2.00%)" in message
+    assert "By reason: invalid_json 1, invalid_row 1." in message
+    assert "line 99" in message and "'x'" in message
+    assert "\n" not in message  # one paragraph
+
+
+def test_policy_options_are_validated() -> None:
+    from nemo_infifpo.data.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.on_invalid_row must be one of exclude, fail, got 'skip'"):
+        RowPolicy.from_mapping({"on_invalid_row": "skip"})
+    with pytest.raises(ConfigError, match=r"data.max_excluded_fraction must be a number in \[0, 1\], got 1.5"):
+        RowPolicy.from_mapping({"max_excluded_fraction": 1.5})
+    assert RowPolicy.from_mapping({"max_excluded_fraction": "0.05"}).max_excluded_fraction == 0.05

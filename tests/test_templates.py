@@ -383,3 +383,152 @@ def test_boundary_is_exact_or_refused(chosen: str, prompt: str) -> None:
         assert "row 'prop'" in str(error)
         return
     assert _decode(_ENCODER, pair.chosen.response_ids) == chosen + "<|im_end|>\n"
+
+
+# --------------------------------------------------------------------------- arguments, clock, causes, modes
+
+from nemo_infifpo.data.errors import ConfigError  # noqa: E402
+from nemo_infifpo.data.templates import DEFAULT_TEMPLATE_DATE  # noqa: E402
+from nemo_infifpo.testing.chat_templates import (  # noqa: E402
+    DATED,
+    QWEN3_STYLE,
+    R1_STYLE,
+    SYSTEM_IF_LAST_USER,
+    TRIMMING,
+)
+
+WITH_SYSTEM = normalize_record(
+    {
+        "id": "sys",
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+        "chosen": "Hello.",
+        "rejected": "Go.",
+    }
+)
+REASONED = normalize_record(
+    {"id": "why", "prompt": "Hi?", "chosen": "<think>\nThey greet.\n</think>\n\nHello.", "rejected": "Go."}
+)
+
+
+def _response(encoder: ResponseTokenizer, row: PreferenceRow) -> str:
+    return _decode(encoder, encoder.encode_pair(row).chosen.response_ids)
+
+
+def test_template_kwargs_reach_every_render_and_the_fingerprint() -> None:
+    thinking = ResponseTokenizer(chatml_tokenizer(), QWEN3_STYLE)
+    quiet = ResponseTokenizer(chatml_tokenizer(), QWEN3_STYLE, template_kwargs={"enable_thinking": False})
+    assert quiet.render_text(SINGLE.prompt, add_generation_prompt=True).endswith("<think>\n\n</think>\n\n")
+    assert _response(quiet, SINGLE) == "It is 4.<|im_end|>\n"
+    assert thinking.fingerprint() != quiet.fingerprint()
+    with pytest.raises(ConfigError, match=r"tokenizer.chat_template_kwargs must be a mapping"):
+        ResponseTokenizer(chatml_tokenizer(), template_kwargs=["enable_thinking"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"chat_template_kwargs.add_generation_prompt: reserved"):
+        ResponseTokenizer(chatml_tokenizer(), template_kwargs={"add_generation_prompt": True})
+
+
+def test_the_clock_is_pinned_detected_and_part_of_the_fingerprint() -> None:
+    dated = ResponseTokenizer(chatml_tokenizer(), DATED)
+    assert f"Today is {DEFAULT_TEMPLATE_DATE}." in dated.render_text(SINGLE.prompt, add_generation_prompt=True)
+    assert dated.describe()["clock_dependent"] is True
+    assert ResponseTokenizer(chatml_tokenizer()).describe()["clock_dependent"] is False
+    other_day = ResponseTokenizer(chatml_tokenizer(), DATED, template_date="2024-12-31")
+    assert "Today is 2024-12-31." in other_day.render_text(SINGLE.prompt, add_generation_prompt=True)
+    assert other_day.fingerprint() != dated.fingerprint()
+    # A date-independent template: the pinned date changes nothing rendered, but is recorded.
+    assert ResponseTokenizer(chatml_tokenizer(), template_date="2024-12-31").encode_pair(SINGLE) == (
+        ResponseTokenizer(chatml_tokenizer()).encode_pair(SINGLE)
+    )
+    with pytest.raises(ConfigError, match=r"tokenizer.template_date must be a date as YYYY-MM-DD"):
+        ResponseTokenizer(chatml_tokenizer(), template_date="31/12/2024")
+
+
+def test_prefix_errors_name_the_cause_and_what_to_set() -> None:
+    with pytest.raises(TemplateError, match=r"dropped the system message from the full conversation") as caught:
+        ResponseTokenizer(chatml_tokenizer(), SYSTEM_IF_LAST_USER).encode_pair(WITH_SYSTEM)
+    assert caught.value.reason == "not_prefix_stable" and caught.value.row_id == "sys"
+    assert "tokenizer.chat_template" in str(caught.value) and "tokenizer.boundary=generation" in str(caught.value)
+    # With all merges learnt, "\n\n" is one token, as in Qwen's vocabulary: a response that
+    # starts with "\n" glues onto the "assistant\n" of the generation prompt.
+    glued = normalize_record({"id": "nl", "prompt": "Hi?", "chosen": "\nHello.", "rejected": "Go."})
+    with pytest.raises(TemplateError, match=r"the response starts with whitespace \('\\n'\) that tokenises together"):
+        ResponseTokenizer(chatml_tokenizer(vocab_size=1000)).encode_pair(glued)
+    generated = ResponseTokenizer(chatml_tokenizer(vocab_size=1000), boundary="generation")
+    assert _response(generated, glued) == "\nHello.<|im_end|>"
+    with pytest.raises(TemplateError, match=r"opens a reasoning block \('<think>\\n'\)"):
+        ResponseTokenizer(chatml_tokenizer(), R1_STYLE).encode_pair(SINGLE)
+    earlier = normalize_record(
+        {
+            "id": "earlier",
+            "prompt": [
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "<think>\nGreeting.\n</think>\n\nHello."},
+                {"role": "user", "content": "And?"},
+            ],
+            "chosen": "Bye.",
+            "rejected": "No.",
+        }
+    )
+    # Keeps the reasoning of the last assistant message only: the earlier turn is the last
+    # assistant message in the prompt render, but not once the response follows.
+    last_keeps = (
+        "{% set ns = namespace(last=-1) %}{% for m in messages %}"
+        "{% if m['role'] == 'assistant' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+        "{% for m in messages %}{% if m['role'] == 'assistant' and loop.index0 != ns.last %}"
+        "{{ '<|im_start|>assistant\\n' + m['content'].split('</think>')[-1] + '<|im_end|>\\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    encoder = ResponseTokenizer(chatml_tokenizer(), last_keeps)
+    encoder.encode_pair(SINGLE)
+    with pytest.raises(TemplateError, match=r"strips the reasoning of an earlier assistant turn"):
+        encoder.encode_pair(earlier)
+
+
+def test_text_changes_are_recorded_per_sequence() -> None:
+    trimming = ResponseTokenizer(chatml_tokenizer(), TRIMMING)
+    assert trimming.encode_pair(MULTI).chosen.text_change == "trimmed"  # "  Pear. "
+    assert trimming.encode_pair(SINGLE).chosen.text_change is None
+    assert trimming.describe()["trims_content"] is True
+    thinking = ResponseTokenizer(chatml_tokenizer(), QWEN3_STYLE)
+    pair = thinking.encode_pair(SINGLE)
+    assert pair.chosen.text_change == "inserted_before_content"  # the empty think block is scored
+    assert _decode(thinking, pair.chosen.response_ids) == "<think>\n\n</think>\n\nIt is 4.<|im_end|>\n"
+    assert ResponseTokenizer(chatml_tokenizer(), R1_STYLE, boundary="generation").describe()["strips_reasoning"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "eot"),
+    [(chatml_tokenizer, "<|im_end|>"), (phi_tokenizer, "<|im_end|>"), (llama3_tokenizer, "<|eot_id|>")],
+)
+def test_generation_boundary_is_prompt_plus_text_plus_end_of_turn(factory, eot) -> None:
+    conversation = ResponseTokenizer(factory())
+    generation = ResponseTokenizer(factory(), boundary="generation")
+    assert generation.end_of_turn == eot
+    pair = generation.encode_pair(SINGLE)
+    assert pair.chosen.input_ids[: pair.chosen.response_start] == conversation.render_ids(
+        SINGLE.prompt, add_generation_prompt=True
+    )
+    assert _decode(generation, pair.chosen.response_ids) == "It is 4." + eot
+    assert generation.fingerprint() != conversation.fingerprint()
+
+
+def test_generation_boundary_for_reasoning_templates() -> None:
+    r1 = ResponseTokenizer(chatml_tokenizer(), R1_STYLE, boundary="generation")
+    pair = r1.encode_pair(REASONED)
+    # The prompt opened <think>; the data repeats it, so it is not scored twice.
+    assert _response(r1, REASONED) == "They greet.\n</think>\n\nHello.<|im_end|>"
+    assert pair.chosen.text_change == "continues_generation_prompt"
+    qwen3 = ResponseTokenizer(chatml_tokenizer(), QWEN3_STYLE, boundary="generation")
+    assert _response(qwen3, REASONED) == "<think>\nThey greet.\n</think>\n\nHello.<|im_end|>"
+    quiet = ResponseTokenizer(
+        chatml_tokenizer(), QWEN3_STYLE, boundary="generation", template_kwargs={"enable_thinking": False}
+    )
+    assert _response(quiet, SINGLE) == "It is 4.<|im_end|>"
+    two = normalize_record(
+        {"id": "two", "prompt": "Hi?", "chosen": [{"role": "assistant", "content": "A."},
+                                                  {"role": "assistant", "content": "B."}], "rejected": "C."}
+    )
+    with pytest.raises(TemplateError, match=r"scores one generated assistant message, the response has 2"):
+        r1.encode_pair(two)
+    with pytest.raises(ConfigError, match=r"tokenizer.boundary must be one of conversation, generation"):
+        ResponseTokenizer(chatml_tokenizer(), boundary="prefix")
