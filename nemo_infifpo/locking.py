@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LockHolder", "OutputLock", "OutputLockedError", "lock_on_rank0"]
+__all__ = ["LockHolder", "OutputLock", "OutputLockedError", "lock_on_rank0", "sibling_lock_path"]
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,13 @@ class OutputLock:
     """An exclusive lock held through the lock file ``path``. Use as a context manager, or call
     :meth:`acquire` and :meth:`release`."""
 
-    def __init__(self, path: str | Path, *, stage: str, stale_after_s: float | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, stage: str, output: str | Path | None = None, stale_after_s: float | None = None
+    ) -> None:
         self.path = Path(path)
         self.stage = stage
+        # What the lock protects, for messages: the lock file's directory unless named.
+        self.output = Path(output) if output is not None else self.path.parent
         if stale_after_s is None:
             stale_after_s = float(os.environ.get(STALE_AFTER_ENV, DEFAULT_STALE_AFTER_S))
         self.stale_after_s = stale_after_s
@@ -132,11 +136,11 @@ class OutputLock:
             reason = self._stale_reason(other)
             if reason is not None:
                 if self._break(other):
-                    log.warning("%s: took over the lock of a %s (%s)", self.path, other.describe(), reason)
+                    log.warning("%s: took over the lock of the %s (%s)", self.path, other.describe(), reason)
                 continue
             if time.monotonic() >= deadline:
                 raise OutputLockedError(
-                    f"{self.path.parent} is in use by a {other.describe()} (lock file {self.path}). "
+                    f"{self.output} is in use by the {other.describe()} (lock file {self.path}). "
                     "Wait for it to finish or stop it; two runs writing the same output corrupt each "
                     "other. If that run is certainly dead (e.g. its node crashed), delete the lock "
                     f"file; it is also taken over by itself once its heartbeat is older than "
@@ -264,7 +268,16 @@ class OutputLock:
                 return
 
 
-def lock_on_rank0(path: str | Path, *, stage: str, wait_s: float = 0.0) -> OutputLock | None:
+def sibling_lock_path(output: str | Path) -> Path:
+    """The lock file of an output that is replaced as a whole (an exported directory, a merged
+    file): next to it, so clearing or renaming the output never removes its own lock."""
+    output = Path(output).resolve()
+    return output.parent / f".{output.name}.lock"
+
+
+def lock_on_rank0(
+    path: str | Path, *, stage: str, output: str | Path | None = None, wait_s: float = 0.0
+) -> OutputLock | None:
     """Take ``path`` on global rank 0 of a job; every rank raises the same
     :class:`OutputLockedError` when it is held. Collective when torch.distributed is initialised.
     Returns the lock on rank 0 (release it when done), None elsewhere."""
@@ -276,7 +289,7 @@ def lock_on_rank0(path: str | Path, *, stage: str, wait_s: float = 0.0) -> Outpu
     problem = ""
     if rank == 0:
         try:
-            lock = OutputLock(path, stage=stage).acquire(wait_s=wait_s)
+            lock = OutputLock(path, stage=stage, output=output).acquire(wait_s=wait_s)
         except OutputLockedError as error:
             problem = str(error)
     if distributed:

@@ -25,7 +25,14 @@ def main(cfg: DictConfig) -> None:
 
     if read_launch_env().world_size != 1:
         raise SystemExit("import_hf.py runs as a single process; launch it with plain python, not torchrun/srun")
+    from nemo_infifpo.locking import OutputLock, OutputLockedError, sibling_lock_path
+
     init_distributed(1, 1, device="cpu")
+    try:
+        lock = OutputLock(sibling_lock_path(cfg.output_path), stage="import", output=cfg.output_path).acquire()
+    except OutputLockedError as error:
+        destroy_distributed()
+        raise SystemExit(f"import refused: {error}") from None
     try:
         path = import_hf_checkpoint(
             cfg.hf_path,
@@ -35,6 +42,7 @@ def main(cfg: DictConfig) -> None:
             overwrite=bool(cfg.overwrite),
         )
     finally:
+        lock.release()
         destroy_distributed()
     log.info("imported %s -> %s", cfg.hf_path, path)
 

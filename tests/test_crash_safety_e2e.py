@@ -111,7 +111,7 @@ def test_two_runs_into_one_output_dir(fixture, tmp_path):
         second = subprocess.run(_recipe(fixture, out, "trainer.max_steps=100000"), cwd=REPO, env=ENV,
                                 capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-4000:]
-        assert f"is in use by a training run of process {first.pid}" in second.stderr
+        assert f"is in use by the training run of process {first.pid}" in second.stderr
         assert "Traceback" not in second.stderr
         assert first.poll() is None  # the first run was not disturbed
     finally:
@@ -141,3 +141,24 @@ def test_a_stop_signal_during_startup_exits_cleanly(fixture, tmp_path):
     assert "stop signal received during start-up" in stderr
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints" / "latest").exists()
     assert not (out / ".lock").exists()
+
+
+def test_export_refuses_a_damaged_checkpoint_and_a_locked_output(crash, tmp_path):
+    from nemo_infifpo.locking import OutputLock, sibling_lock_path
+
+    damaged = Path(crash["fallback"]["victim"])  # relative to the run; the run's checkpoints are all truncated now
+    root = Path(crash["run_dirs"]["fallback"])
+    command = [sys.executable, str(REPO / "recipes" / "export_hf.py"), f"checkpoint_path={root / 'checkpoints' / 'step_0000002'}",
+               f"output_path={tmp_path / 'hf'}"]
+    proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "export refused" in proc.stderr and damaged.name in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "hf").exists()
+
+    intact = Path(crash["run_dirs"]["guard"]) / "checkpoints" / "step_0000005"
+    command[2] = f"checkpoint_path={intact}"
+    with OutputLock(sibling_lock_path(tmp_path / "hf"), stage="export"):
+        proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is in use by the export run" in proc.stderr, proc.stderr[-3000:]
+    proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "hf" / "config.json").is_file()

@@ -115,6 +115,7 @@ def main(fixture_path: str, out_dir: str) -> None:
     out = Path(out_dir)
     result = {"fallback": fallback(fixture, out), "guard": guard(fixture, out)}
     result["modes"] = modes(out / "guard")
+    result["run_dirs"] = {"fallback": str(out / "fallback"), "guard": str(out / "guard")}
     (out / "result.json").write_text(json.dumps(result, indent=1))
 
 
