@@ -10,8 +10,9 @@
 #   merge/train.scored.parquet   recipes/merge_scores.py output
 #   train/                recipes/train_infifpo.py output_dir (checkpoints/, metrics.jsonl)
 #   hf/                   recipes/export_hf.py output: the trained pivot as an HF checkpoint
+#   eval/                 recipes/evaluate.py output: <model>/results.json, summary.md/.json
 #   logs/                 Slurm stdout/stderr of every job
-#   status/<unit>.{job,started,complete,failed}   per unit (score.<i>, merge, train, export):
+#   status/<unit>.{job,started,complete,failed}   per unit (score.<i>, merge, train, export, eval):
 #                         job id; start; success (first line: the inputs it was computed from);
 #                         failure. A unit is complete iff its .complete names the same inputs.
 #   pipeline.json         a view of all of the above, rewritten atomically after every change
@@ -122,6 +123,33 @@ infifpo_load_settings() {
   : "${INFIFPO_EXPORT_TIME:=01:00:00}"
   : "${INFIFPO_SIGNAL_SECONDS:=300}"
   : "${INFIFPO_DRY_RUN:=0}"
+  # The evaluation stage (slurm/evaluate.sbatch). Its interpreter and container default to the
+  # other stages' but are separate settings: vLLM usually lives in its own environment.
+  : "${INFIFPO_EVAL:=1}"
+  : "${INFIFPO_EVAL_INITIAL_PIVOT:=}"
+  : "${INFIFPO_EVAL_SOURCES:=0}"
+  : "${INFIFPO_EVAL_ALLOW_CODE:=0}"
+  if [ "$INFIFPO_EVAL_ALLOW_CODE" = 1 ]; then
+    : "${INFIFPO_EVAL_BENCHMARKS:=infifpo_paper}"
+  else
+    : "${INFIFPO_EVAL_BENCHMARKS:=infifpo_paper_no_code}"
+  fi
+  : "${INFIFPO_EVAL_TASKS:=}"
+  : "${INFIFPO_EVAL_INCLUDE_PATH:=}"
+  : "${INFIFPO_EVAL_LIMIT:=}"
+  : "${INFIFPO_EVAL_OVERRIDES:=}"
+  : "${INFIFPO_EVAL_TIME:=08:00:00}"
+  : "${INFIFPO_EVAL_SBATCH_ARGS:=}"
+  : "${INFIFPO_EVAL_PYTHON:=${INFIFPO_PYTHON}}"
+  : "${INFIFPO_EVAL_CONTAINER_IMAGE:=${INFIFPO_CONTAINER_IMAGE:-none}}"
+  : "${INFIFPO_EVAL_CONTAINER_MOUNTS:=${INFIFPO_CONTAINER_MOUNTS:-none}}"
+  if [ -z "${INFIFPO_EVAL_BACKEND:-}" ]; then
+    # vLLM on GPU nodes; lm-eval's transformers back end on CPU.
+    if [ "$INFIFPO_GPUS_PER_NODE" -gt 0 ] 2>/dev/null; then INFIFPO_EVAL_BACKEND=vllm; else INFIFPO_EVAL_BACKEND=hf; fi
+  fi
+  if [ -z "${INFIFPO_EVAL_GPUS:-}" ]; then
+    if [ "$INFIFPO_GPUS_PER_NODE" -gt 0 ] 2>/dev/null; then INFIFPO_EVAL_GPUS=1; else INFIFPO_EVAL_GPUS=0; fi
+  fi
   if [ -z "${INFIFPO_SCORE_DTYPE:-}" ]; then
     # bf16 on GPUs; float32 on CPU, where bf16 matmuls are slow and scores should be exact.
     if [ "$INFIFPO_GPUS_PER_NODE" -gt 0 ] 2>/dev/null; then INFIFPO_SCORE_DTYPE=bfloat16; else INFIFPO_SCORE_DTYPE=float32; fi
@@ -129,13 +157,17 @@ infifpo_load_settings() {
 
   local name
   for name in INFIFPO_NODES INFIFPO_GPUS_PER_NODE INFIFPO_TASKS_PER_NODE INFIFPO_SCORE_GPUS \
-    INFIFPO_SCORE_TASKS INFIFPO_SCORE_SHARDS INFIFPO_SIGNAL_SECONDS; do
+    INFIFPO_SCORE_TASKS INFIFPO_SCORE_SHARDS INFIFPO_SIGNAL_SECONDS INFIFPO_EVAL_GPUS; do
     [[ "${!name}" =~ ^[0-9]+$ ]] || infifpo_die "${name} must be a non-negative integer, got '${!name}'"
   done
   [ "$INFIFPO_NODES" -ge 1 ] || infifpo_die "INFIFPO_NODES must be >= 1"
   [ "$INFIFPO_SCORE_SHARDS" -ge 1 ] || infifpo_die "INFIFPO_SCORE_SHARDS must be >= 1"
+  for name in INFIFPO_EVAL INFIFPO_EVAL_SOURCES INFIFPO_EVAL_ALLOW_CODE; do
+    [[ "${!name}" =~ ^[01]$ ]] || infifpo_die "${name} must be 0 or 1, got '${!name}'"
+  done
+  [[ "$INFIFPO_EVAL_BACKEND" =~ ^(hf|vllm)$ ]] || infifpo_die "INFIFPO_EVAL_BACKEND must be hf or vllm, got '${INFIFPO_EVAL_BACKEND}'"
   local n
-  for n in INFIFPO_TP INFIFPO_PP INFIFPO_CPUS_PER_TASK INFIFPO_SCORE_PARALLEL; do
+  for n in INFIFPO_TP INFIFPO_PP INFIFPO_CPUS_PER_TASK INFIFPO_SCORE_PARALLEL INFIFPO_EVAL_LIMIT; do
     [ -z "${!n}" ] || [[ "${!n}" =~ ^[1-9][0-9]*$ ]] || infifpo_die "${n} must be a positive integer, got '${!n}'"
   done
 
@@ -157,6 +189,9 @@ infifpo_load_settings() {
   INFIFPO_TRAIN_DIR="${INFIFPO_OUT}/train"
   # shellcheck disable=SC2034
   INFIFPO_EXPORT_DIR="${INFIFPO_OUT}/hf"
+  INFIFPO_EVAL_DIR="${INFIFPO_OUT}/eval"
+  [ -z "$INFIFPO_EVAL_INITIAL_PIVOT" ] || INFIFPO_EVAL_INITIAL_PIVOT="$(infifpo_abspath "$INFIFPO_EVAL_INITIAL_PIVOT")"
+  [ -z "$INFIFPO_EVAL_INCLUDE_PATH" ] || INFIFPO_EVAL_INCLUDE_PATH="$(infifpo_abspath "$INFIFPO_EVAL_INCLUDE_PATH")"
   # Training data: the merge stage's output unless a scored set is given (standalone runs).
   : "${INFIFPO_TRAIN_DATA:=${INFIFPO_MERGED}}"
   INFIFPO_TRAIN_DATA="$(infifpo_abspath "$INFIFPO_TRAIN_DATA")"
@@ -362,8 +397,33 @@ infifpo_unit_key() {
       printf 'export train=%s checkpoint=%s overrides=%s\n' "$INFIFPO_TRAIN_DIR" \
         "$INFIFPO_EXPORT_CHECKPOINT" "$INFIFPO_EXPORT_OVERRIDES"
       ;;
+    eval)
+      # The recipe itself re-evaluates a model whose files changed (e.g. a new export).
+      printf 'eval models=%s backend=%s benchmarks=%s tasks=%s include=%s limit=%s code=%s overrides=%s\n' \
+        "$(infifpo_eval_models | tr '\t\n' '=,')" "$INFIFPO_EVAL_BACKEND" "$INFIFPO_EVAL_BENCHMARKS" \
+        "$INFIFPO_EVAL_TASKS" "$INFIFPO_EVAL_INCLUDE_PATH" "$INFIFPO_EVAL_LIMIT" "$INFIFPO_EVAL_ALLOW_CODE" \
+        "$INFIFPO_EVAL_OVERRIDES"
+      ;;
     *) infifpo_die "unknown unit '${unit}'" ;;
   esac
+}
+
+# The models the evaluation stage compares, one "name<TAB>path" per line, the baseline first:
+# the initial pivot (before SFT, when INFIFPO_EVAL_INITIAL_PIVOT names it; the pipeline's pivot
+# is then the SFT model), the pipeline's pivot, the fused model, and with INFIFPO_EVAL_SOURCES=1
+# every source.
+infifpo_eval_models() {
+  local pivot_name=pivot
+  if [ -n "$INFIFPO_EVAL_INITIAL_PIVOT" ]; then
+    printf 'pivot\t%s\n' "$INFIFPO_EVAL_INITIAL_PIVOT"
+    pivot_name=sft
+  fi
+  infifpo_read_model 0
+  printf '%s\t%s\n' "$pivot_name" "$MODEL_PATH"
+  printf 'fused\t%s\n' "$INFIFPO_EXPORT_DIR"
+  if [ "$INFIFPO_EVAL_SOURCES" = 1 ]; then
+    grep -v '^#' "$INFIFPO_MODELS_TSV" | awk -F '\t' '$1 != 0 { print $2 "\t" $3 }'
+  fi
 }
 
 # ------------------------------------------------------------------ status markers
@@ -434,6 +494,7 @@ infifpo_units() {
   tasks=$(($(infifpo_model_count) * INFIFPO_SCORE_SHARDS))
   for ((i = 0; i < tasks; i++)); do printf 'score.%s\n' "$i"; done
   printf '%s\n' merge train export
+  [ "$INFIFPO_EVAL" != 1 ] || printf 'eval\n'
 }
 
 # complete | failed | running | submitted | stale | missing — from the markers alone
@@ -558,6 +619,12 @@ infifpo_pipeline_json() {
         ;;
       train) printf '\n    "train": %s,' "$(infifpo_unit_json_from_info)" ;;
       export) printf '\n    "export": %s' "$(infifpo_unit_json_from_info)" ;;
+      eval)
+        # Where the comparison table is (or will be): what `train_phi4.sh --status` points to.
+        printf ',\n    "eval": {"job_id": %s, "state": %s, "slurm_state": %s, "summary": %s}' \
+          "$(infifpo_json_str "$UNIT_JOB")" "$(infifpo_json_str "$UNIT_STATE")" \
+          "$(infifpo_json_str "$UNIT_SLURM")" "$(infifpo_json_str "${INFIFPO_EVAL_DIR}/summary.md")"
+        ;;
     esac
   done < <(infifpo_units)
   printf '\n  },\n  "settings": %s\n}\n' "$settings"

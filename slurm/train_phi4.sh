@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# InfiFPO on a Slurm cluster, end to end: score every model -> merge -> train -> export.
+# InfiFPO on a Slurm cluster, end to end: score every model -> merge -> train -> export -> evaluate.
 #
 #   sbatch slurm/train_phi4.sh            (or: bash slurm/train_phi4.sh — it only submits)
 #   bash slurm/train_phi4.sh --status     refresh and print $INFIFPO_OUT/pipeline.json
@@ -12,6 +12,8 @@
 #   train   slurm/train.sbatch   INFIFPO_NODES x INFIFPO_GPUS_PER_NODE; requeues itself on
 #                                SIGUSR1 (time limit) after checkpointing, and resumes
 #   export  slurm/export.sbatch  -> $INFIFPO_OUT/hf, a Hugging Face checkpoint
+#   eval    slurm/evaluate.sbatch  lm-eval on the paper's benchmarks: initial pivot, SFT model,
+#                                fused model -> $INFIFPO_OUT/eval/summary.md (--status shows it)
 # Rerunning it is safe: stages (and scoring tasks) whose outputs are complete for the same
 # inputs are skipped, the rest is resubmitted (only the missing scoring tasks, as
 # --array=<indices>), and training resumes from its last checkpoint. It refuses to start while
@@ -56,11 +58,34 @@
 #   INFIFPO_PYTHON          interpreter with nemo_infifpo installed (or in the image) [python]
 #   INFIFPO_REPO            the nemo-infifpo checkout [the directory sbatch was given the
 #                           script from, else the submit directory]
+#   INFIFPO_EVAL            1 = evaluate after the export, 0 = stop at the export [1]
+#   INFIFPO_EVAL_INITIAL_PIVOT  the pivot before SFT, when INFIFPO_PIVOT is the SFT model:
+#                           evaluated as "pivot" and INFIFPO_PIVOT as "sft" [none: INFIFPO_PIVOT
+#                           is evaluated as "pivot"]
+#   INFIFPO_EVAL_SOURCES    1 = also evaluate every source [0]
+#   INFIFPO_EVAL_BACKEND    vllm | hf [vllm with GPUs, hf on CPU]
+#   INFIFPO_EVAL_GPUS       GPUs of the evaluation job, one node; vLLM tensor parallel size
+#                           [1; 0 on CPU]
+#   INFIFPO_EVAL_BENCHMARKS task list, configs/benchmarks/<name>.yaml [infifpo_paper_no_code,
+#                           or infifpo_paper with INFIFPO_EVAL_ALLOW_CODE=1]
+#   INFIFPO_EVAL_ALLOW_CODE 1 = run HumanEval/MBPP, which execute model-written code
+#                           (confirm_run_unsafe_code=true, HF_ALLOW_CODE_EVAL=1) [0]
+#   INFIFPO_EVAL_TASKS      comma-separated lm-eval tasks instead of the benchmark list [none]
+#   INFIFPO_EVAL_INCLUDE_PATH  a directory of extra lm-eval task YAML files [none]
+#   INFIFPO_EVAL_LIMIT      samples per task, for a quick look [all]
+#   INFIFPO_EVAL_OVERRIDES  extra Hydra overrides for recipes/evaluate.py [none]
+#   INFIFPO_EVAL_TIME       --time of the evaluation job [08:00:00]
+#   INFIFPO_EVAL_PYTHON     interpreter of the evaluation stage, with lm-eval (and vllm)
+#                           [INFIFPO_PYTHON]
+#   INFIFPO_EVAL_CONTAINER_IMAGE, INFIFPO_EVAL_CONTAINER_MOUNTS  its container and mounts;
+#                           "none" for no container [INFIFPO_CONTAINER_IMAGE / _MOUNTS]
+#   INFIFPO_EVAL_SBATCH_ARGS  extra sbatch flags of the evaluation job [none]
 #   INFIFPO_DRY_RUN=1       only print the sbatch commands (run with bash, not sbatch);
 #                           writes nothing but INFIFPO_OUT/models.tsv
 #
 # Outputs under INFIFPO_OUT: models.tsv, scores/<model>/, merge/train.scored.parquet,
-# train/ (checkpoints, metrics), hf/ (the result), logs/<stage>-<jobid>.out, status/,
+# train/ (checkpoints, metrics), hf/ (the result), eval/ (results per model, summary.md and
+# summary.json), logs/<stage>-<jobid>.out, status/,
 # pipeline.json. See slurm/common.sh for the status files.
 #SBATCH --job-name=infifpo-pipeline
 #SBATCH --nodes=1
@@ -150,7 +175,7 @@ infifpo_record_submission() {
   printf '%s\n' "$job" | infifpo_write_file_atomic "$(infifpo_marker "$unit" job)"
 }
 
-SCORE_JOB="" MERGE_JOB="" TRAIN_JOB="" EXPORT_JOB=""
+SCORE_JOB="" MERGE_JOB="" TRAIN_JOB="" EXPORT_JOB="" EVAL_JOB=""
 
 submit_score() {
   local tasks missing=() i
@@ -238,13 +263,20 @@ cmd_submit() {
 
   submit_stage export EXPORT_JOB export.sbatch "$TRAIN_JOB" --time="$INFIFPO_EXPORT_TIME"
 
+  if [ "$INFIFPO_EVAL" = 1 ]; then
+    local eval_flags=(--time="$INFIFPO_EVAL_TIME")
+    [ "$INFIFPO_EVAL_GPUS" -eq 0 ] || eval_flags+=(--gpus-per-node="$INFIFPO_EVAL_GPUS")
+    [ -z "$INFIFPO_CPUS_PER_TASK" ] || eval_flags+=(--cpus-per-task="$INFIFPO_CPUS_PER_TASK")
+    submit_stage eval EVAL_JOB evaluate.sbatch "$EXPORT_JOB" "${eval_flags[@]}"
+  fi
+
   if [ "$INFIFPO_DRY_RUN" != 1 ]; then
     infifpo_refresh_pipeline_json
     infifpo_log "pipeline.json: ${INFIFPO_OUT}/pipeline.json"
   fi
   # One machine-readable line per stage on stdout (the job id, or "complete").
-  printf 'score=%s merge=%s train=%s export=%s\n' "${SCORE_JOB:-complete}" "${MERGE_JOB:-complete}" \
-    "${TRAIN_JOB:-complete}" "${EXPORT_JOB:-complete}"
+  printf 'score=%s merge=%s train=%s export=%s eval=%s\n' "${SCORE_JOB:-complete}" "${MERGE_JOB:-complete}" \
+    "${TRAIN_JOB:-complete}" "${EXPORT_JOB:-complete}" "$([ "$INFIFPO_EVAL" = 1 ] && printf '%s' "${EVAL_JOB:-complete}" || printf off)"
 }
 
 cmd_status() {
@@ -252,6 +284,13 @@ cmd_status() {
   [ -f "$INFIFPO_MODELS_TSV" ] || infifpo_die "no pipeline in ${INFIFPO_OUT} (no models.tsv)"
   infifpo_refresh_pipeline_json
   cat "${INFIFPO_OUT}/pipeline.json"
+  if [ "$INFIFPO_EVAL" = 1 ]; then
+    if [ -f "${INFIFPO_EVAL_DIR}/summary.md" ]; then
+      infifpo_log "evaluation summary: ${INFIFPO_EVAL_DIR}/summary.md"
+    else
+      infifpo_log "evaluation summary (not written yet): ${INFIFPO_EVAL_DIR}/summary.md"
+    fi
+  fi
 }
 
 case "${1:-}" in

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import local_eval_tasks
 import pytest
 from test_slurm_cluster import REPO, Cluster, cluster_session, slurm_time
 
@@ -70,7 +71,7 @@ def submit_pipeline(cluster: Cluster, repo: Path, env: dict[str, str], out: Path
 
 
 def stage_jobs(ids: dict[str, str]) -> list[str]:
-    return [ids[s] for s in ("score", "merge", "train", "export") if ids[s] != "complete"]
+    return [ids[s] for s in ("score", "merge", "train", "export", "eval") if ids.get(s, "off") not in ("complete", "off")]
 
 
 def read_pipeline(out: Path) -> dict[str, Any]:
@@ -105,6 +106,13 @@ def assert_stage_order(cluster: Cluster, out: Path, ids: dict[str, str], n_tasks
     for before, after in itertools.pairwise(stages):
         assert all(r["JobState"] == "COMPLETED" for r in before + after), before + after
         assert max(slurm_time(r["EndTime"]) for r in before) <= min(slurm_time(r["StartTime"]) for r in after)
+    if ids.get("eval", "off").isdigit():  # the evaluation stage, after the export
+        start, end = marker_time(out, "eval", "started") - origin, marker_time(out, "eval", "complete") - origin
+        print(f"timeline {'eval':8s} {start:7.1f}s -> {end:7.1f}s")
+        assert marker_time(out, "export", "complete") <= marker_time(out, "eval", "started")
+        record = cluster.job(ids["eval"])
+        assert record["JobState"] == "COMPLETED", record
+        assert slurm_time(stages[-1][0]["EndTime"]) <= slurm_time(record["StartTime"])
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> None:
@@ -348,6 +356,23 @@ write(Path(args["output_path"]) / "config.json", {"standin": True})
 write(Path(args["output_path"]) / "weights.json", {"state": state, "checkpoint": args["checkpoint_path"]})
 ''',
     "import_hf.py": "raise SystemExit('not used by the pipeline')\n",
+    # models=[{name: 'a', path: '/x'}, ...] is Hydra syntax, not a Python literal: parsed here.
+    "evaluate.py": '''
+import re, sys
+from pathlib import Path
+from _standin import write
+models = next(a for a in sys.argv[1:] if a.startswith("models="))
+args = dict(a.split("=", 1) for a in sys.argv[1:] if not a.startswith("models="))
+out = Path(args["output_dir"].strip("'"))
+names = []
+for name, path in re.findall(r"name: '([^']*)', path: '([^']*)'", models):
+    if not (Path(path) / "config.json").is_file():
+        sys.exit(f"stand-in evaluate: no config.json in {path}")
+    write(out / name / "results.json", {"path": path, "args": args})
+    names.append(name)
+write(out / "summary.json", {"models": names})
+(out / "summary.md").write_text("| " + " | ".join(names) + " |\\n")
+''',
 }
 
 
@@ -429,10 +454,20 @@ def test_standin_pipeline_runs_every_stage_in_order(slurm_cluster: Cluster, stan
     exported = json.loads((out / "hf" / "weights.json").read_text())
     assert exported["checkpoint"] == str(out / "train" / "checkpoints" / "step_0000005")
     assert exported["state"]["w"] == pytest.approx(standin_weights(5))
+    # Evaluation: the initial pivot and the fused model, the table's path in pipeline.json.
+    summary_path = str(out / "eval" / "summary.md")
+    assert pipeline["stages"]["eval"] == {"job_id": ids["eval"], "state": "complete", "slurm_state": "", "summary": summary_path}
+    assert json.loads((out / "eval" / "summary.json").read_text())["models"] == ["pivot", "fused"]
+    assert json.loads((out / "eval" / "pivot" / "results.json").read_text())["path"] == str(root / "models" / "pivot-model")
+    evaluated = json.loads((out / "eval" / "fused" / "results.json").read_text())
+    assert evaluated["path"] == str(out / "hf") and evaluated["args"]["backend"] == "hf"
+    status = subprocess.run(["bash", str(standin_repo / ORCHESTRATOR), "--status"], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert f"evaluation summary: {summary_path}" in status.stderr
 
     # A rerun finds everything complete and submits nothing.
     again = submit_pipeline(slurm_cluster, standin_repo, env, out, cwd=root)
-    assert [again[s] for s in ("score", "merge", "train", "export")] == ["complete"] * 4
+    assert [again[s] for s in ("score", "merge", "train", "export", "eval")] == ["complete"] * 5
     assert read_pipeline(out)["stages"]["train"]["job_id"] == ids["train"]
 
 
@@ -570,9 +605,21 @@ def tiny_env(cluster: Cluster, root: Path, out: Path, **extra: str) -> dict[str,
         INFIFPO_PYTHON=sys.executable,
         INFIFPO_OVERRIDES=f"trainer.max_steps={TRAIN_STEPS} trainer.max_epochs=4",
         OMP_NUM_THREADS="1",
+        INFIFPO_EVAL="0",  # evaluated once, in tiny_run
     )
     settings.update(extra)
     return pipeline_env(cluster, **settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_tasks(tiny_assets: Path) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Local lm-eval tasks for the evaluation stage: the echo targets are the initial pivot's
+    own greedy answers, the choices those of tests/local_eval_tasks.py."""
+    pivot = local_eval_tasks.Reference(tiny_assets / "models" / "tiny-phi3")
+    echo_rows = [{"prompt": p, "answer": pivot.greedy(p)} for p in local_eval_tasks.PROMPTS]
+    choice_rows = local_eval_tasks.choice_rows()
+    directory = local_eval_tasks.write_tasks(tiny_assets / "eval_tasks", echo_rows, choice_rows)
+    return directory, echo_rows, choice_rows
 
 
 COMPARE_WORKER = '''
@@ -638,17 +685,19 @@ def copy_scoring(src: Path, dst: Path, *, merge: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(slurm_cluster: Cluster, tiny_assets: Path) -> tuple[Path, dict[str, str]]:
-    """One uninterrupted pipeline on the tiny models (shared by the tests below)."""
+def tiny_run(slurm_cluster: Cluster, tiny_assets: Path, tiny_eval_tasks: tuple) -> tuple[Path, dict[str, str]]:
+    """One uninterrupted pipeline on the tiny models, evaluation included (shared by the tests below)."""
     out = tiny_assets / "run"
-    env = tiny_env(slurm_cluster, tiny_assets, out)
+    tasks = f"{local_eval_tasks.GENERATE_TASK},{local_eval_tasks.CHOICE_TASK}"
+    env = tiny_env(slurm_cluster, tiny_assets, out, INFIFPO_EVAL="1", INFIFPO_EVAL_TASKS=tasks,
+                   INFIFPO_EVAL_INCLUDE_PATH=str(tiny_eval_tasks[0]), HF_DATASETS_OFFLINE="1")
     ids = submit_pipeline(slurm_cluster, REPO, env, out, cwd=REPO)
     slurm_cluster.wait(stage_jobs(ids), timeout=1800, poll=1.0)
     return out, ids
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end(slurm_cluster: Cluster, tiny_assets: Path, tiny_run: tuple[Path, dict[str, str]]) -> None:
+def test_tiny_pipeline_end_to_end(slurm_cluster: Cluster, tiny_assets: Path, tiny_run: tuple[Path, dict[str, str]], tiny_eval_tasks: tuple) -> None:
     out, ids = tiny_run
     pipeline = read_pipeline(out)
     states = {s: pipeline["stages"][s]["state"] for s in ("score", "merge", "train", "export")}
@@ -674,6 +723,23 @@ def test_tiny_pipeline_end_to_end(slurm_cluster: Cluster, tiny_assets: Path, tin
     assert report["names"], report
     assert max(report["max_diff"].values()) <= 1e-6, report["max_diff"]
     assert max(report["changed"].values()) > 0, "training did not change the pivot"
+
+    # Evaluation (CPU, lm-eval's hf back end, local tasks): the initial pivot and the fused
+    # model, every number equal to a plain transformers computation on the same checkpoints.
+    assert pipeline["stages"]["eval"]["state"] == "complete", logs
+    assert pipeline["stages"]["eval"]["summary"] == str(out / "eval" / "summary.md")
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["models"] == ["pivot", "fused"]
+    _, echo_rows, choice_rows = tiny_eval_tasks
+    for name, path in (("pivot", tiny_assets / "models" / "tiny-phi3"), ("fused", out / "hf")):
+        expected = local_eval_tasks.expected_metrics(local_eval_tasks.Reference(path), echo_rows, choice_rows)
+        results = json.loads((out / "eval" / name / "results.json").read_text())["results"]
+        assert results[local_eval_tasks.GENERATE_TASK]["exact_match,none"] == pytest.approx(expected["exact_match"]), name
+        assert results[local_eval_tasks.CHOICE_TASK]["acc,none"] == pytest.approx(expected["acc"]), name
+        assert results[local_eval_tasks.CHOICE_TASK]["acc_norm,none"] == pytest.approx(expected["acc_norm"]), name
+    echo = next(r for r in summary["rows"] if r["task"] == local_eval_tasks.GENERATE_TASK)
+    assert echo["values"]["pivot"] == 1.0  # the echo targets are the pivot's own answers
+    assert "| **average** (2 tasks) |" in (out / "eval" / "summary.md").read_text()
 
 
 @pytest.mark.slow
