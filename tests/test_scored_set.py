@@ -324,7 +324,7 @@ def _broken(row: int, **changes) -> list[dict]:
             _broken(1, fuse_mean_rejected_logps=[-3.0, 0.0, -2.5]),
             r"row 2 .*column 'fuse_mean_rejected_logps', source 'source_1'.*not a positive whole number",
         ),
-        (_broken(0, ref_chosen_logps=float("nan")), r"row 1 .*column 'ref_mean_chosen_logps'.*nan"),
+        (_broken(0, ref_chosen_logps=float("nan")), r"row 1 .*column 'ref_chosen_logps': log-prob must be finite, got nan"),
         (
             _broken(1, fuse_chosen_logps=[-2.0, -6.0]),
             r"row 2 .*column 'fuse_chosen_logps': 2 entries, but there are 3 sources",

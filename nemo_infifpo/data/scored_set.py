@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from nemo_infifpo.atomic import atomic_path
+from nemo_infifpo.data.errors import InputError
 from nemo_infifpo.data.rows import PreferenceDataError, PreferenceRow, normalize_record
 
 __all__ = [
@@ -92,7 +93,7 @@ _COUNT_REL_TOL = 1e-4
 _COUNT_ABS_TOL = 0.02
 
 
-class ScoredSetError(ValueError):
+class ScoredSetError(InputError):
     """A scored set (or the scores for one) that cannot be used; the message says where."""
 
 
@@ -671,7 +672,16 @@ def _counts_from_means(
 ) -> np.ndarray:
     """Token counts recovered from sum and mean (the paper stores no counts): sum / mean must
     be a positive whole number, or the two columns disagree."""
-    # inf/nan ratios (mean 0, non-finite inputs) are expected here and reported below.
+    # A NaN or infinite score is a broken score, not a disagreement between the two columns.
+    for column, values in ((sum_column, sums), (mean_column, means)):
+        if not np.isfinite(values).all():
+            position = np.argwhere(~np.isfinite(values))[0]
+            source = names[int(position[1])] if names is not None and position.size > 1 else None
+            raise ScoredSetError(
+                f"{_where(path, ids, int(position[0]), column, source)}: log-prob must be finite, "
+                f"got {float(values[tuple(int(p) for p in position)])!r}"
+            )
+    # inf/nan ratios (mean 0) are expected here and reported below.
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = sums / means
         counts = np.rint(ratio)
