@@ -532,3 +532,19 @@ def test_generation_boundary_for_reasoning_templates() -> None:
         r1.encode_pair(two)
     with pytest.raises(ConfigError, match=r"tokenizer.boundary must be one of conversation, generation"):
         ResponseTokenizer(chatml_tokenizer(), boundary="prefix")
+
+
+def test_try_encode_records_or_raises_under_the_row_policy() -> None:
+    from nemo_infifpo.data.policy import ExclusionLog, RowPolicy, TooManyExcludedRows
+
+    encoder = ResponseTokenizer(chatml_tokenizer(), SYSTEM_IF_LAST_USER)
+    log = ExclusionLog(RowPolicy(), stage="train", model="pivot")
+    assert encoder.try_encode(SINGLE, log) is not None
+    assert encoder.try_encode(WITH_SYSTEM, log) is None
+    [entry] = log.entries
+    assert (entry.id, entry.stage, entry.model, entry.reason) == ("sys", "train", "pivot", "not_prefix_stable")
+    with pytest.raises(TooManyExcludedRows, match=r"train \(pivot\): 1 of 2 rows are invalid"):
+        log.check(2)
+    log.check(100)
+    with pytest.raises(TemplateError, match="dropped the system message"):
+        encoder.try_encode(WITH_SYSTEM, ExclusionLog(RowPolicy("fail"), stage="train"))

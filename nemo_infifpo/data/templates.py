@@ -375,12 +375,8 @@ class ResponseTokenizer:
         pairs: list[TokenizedPair] = []
         excluded: list[ExcludedRow] = []
         for row in rows:
-            try:
-                pair = self.encode_pair(row)
-            except TemplateError as error:
-                if invalid is None:
-                    raise
-                invalid.reject(error, row_id=row.id)
+            pair = self.encode_pair(row) if invalid is None else self.try_encode(row, invalid)
+            if pair is None:
                 continue
             exclusion = self.exclusion(pair)
             if exclusion is None:
@@ -388,6 +384,16 @@ class ResponseTokenizer:
             else:
                 excluded.append(exclusion)
         return pairs, excluded
+
+    def try_encode(self, row: PreferenceRow, invalid: ExclusionLog) -> TokenizedPair | None:
+        """:meth:`encode_pair`, or None after recording the row in ``invalid`` when the template
+        cannot encode it (raises instead under ``on_invalid_row=fail``). For stages that encode
+        row by row, e.g. a rank measuring its slice of the training data."""
+        try:
+            return self.encode_pair(row)
+        except TemplateError as error:
+            invalid.reject(error, row_id=row.id)
+            return None
 
     def exclusion(self, pair: TokenizedPair) -> ExcludedRow | None:
         """Why ``pair`` must be left out under ``max_length``, or None if it fits."""
