@@ -355,3 +355,21 @@ def test_tiny_models_are_small_float32_and_every_tensor_is_random(family: str) -
 def test_tiny_mistral_head_dim_differs_from_hidden_over_heads() -> None:
     config = tiny_hf_config("mistral")
     assert config.head_dim != config.hidden_size // config.num_attention_heads
+
+
+def test_forced_cpu_on_a_gpu_host_uses_the_local_spec_and_the_cpu(monkeypatch):
+    """NEMO_INFIFPO_FORCE_CPU=1 on a CUDA machine with Transformer Engine installed: the model
+    must be built for the CPU with megatron's local spec (TE needs CUDA)."""
+    import sys
+    import types
+
+    from nemo_infifpo.models.megatron_model import default_model_device, transformer_engine_available
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))  # what cpu_compat patches in
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setenv("NEMO_INFIFPO_FORCE_CPU", "1")
+    assert transformer_engine_available() is False
+    assert default_model_device() == torch.device("cpu")
+    monkeypatch.setenv("NEMO_INFIFPO_FORCE_CPU", "0")
+    assert transformer_engine_available() is True

@@ -307,3 +307,46 @@ def test_without_the_parity_check_a_scoring_mismatch_is_only_logged(caplog):
                            "trainer": {"step0_parity_check": False}})
     check_scoring_setup(config, {"dtype": "bfloat16"})
     assert "scored in bfloat16" in caplog.text
+
+
+_WEIGHT_DECAY_SCRIPT = r"""
+import json, sys, tempfile
+from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+from nemo_infifpo.engine.distributed import destroy_distributed, init_distributed
+from nemo_infifpo.models.checkpoint import load_megatron_model
+from nemo_infifpo.testing.models import save_tiny_hf_model
+from nemo_infifpo.training.optimizer import apply_param_group_schedule, effective_weight_decay
+
+init_distributed(1, 1, device="cpu")
+model = load_megatron_model(save_tiny_hf_model("qwen2", tempfile.mkdtemp()), use_transformer_engine=False).model
+names = {id(p): n for n, p in model.named_parameters()}
+# megatron's own parameter groups, handed to Adam with the config's weight_decay as the
+# default of every group, as get_megatron_optimizer does
+import torch
+groups = _get_param_groups([model], OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1), None)
+groups = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1).param_groups
+built = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+apply_param_group_schedule(groups, 2e-4, 0.1)
+applied = {names[id(p)]: [g["weight_decay"], g["lr"]] for g in groups for p in g["params"]}
+ours = {n: effective_weight_decay(n, p, 0.1) for n, p in model.named_parameters()}
+destroy_distributed()
+print("RESULT" + json.dumps({"built": built, "applied": applied, "ours": ours}))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_optimizer_groups_get_the_cpu_paths_weight_decay():
+    """megatron's Adam groups carry the full weight_decay (and wd_mult=0 for norms and biases);
+    after apply_param_group_schedule every parameter has the decay the CPU path gives it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _WEIGHT_DECAY_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    no_decay = {n for n, wd in out["ours"].items() if wd == 0.0}
+    assert any("layernorm" in n or "norm" in n for n in no_decay) and any(n.endswith(".bias") for n in no_decay)
+    assert any(out["built"][n] == 0.1 for n in no_decay)  # what megatron's groups hold before
+    assert {n: v[0] for n, v in out["applied"].items()} == pytest.approx(out["ours"])
+    assert all(v[1] == pytest.approx(2e-4) for v in out["applied"].values())

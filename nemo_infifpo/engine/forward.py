@@ -148,8 +148,9 @@ def compute_sequence_logprobs(
     counts = target_mask[:batch_size].sum(dim=-1, dtype=torch.int64).cpu()
     if not return_token_logprobs:
         return payload[:batch_size].cpu(), counts
+    # Both on the CPU: callers may hand in tokens (and so the mask) on the GPU.
     token_logps = token_logps[:batch_size].cpu()
-    sums, _ = sequence_logprob_sums(token_logps, target_mask[:batch_size])
+    sums, _ = sequence_logprob_sums(token_logps, target_mask[:batch_size].cpu())
     # Re-align to `tokens`: the log-prob of token t was computed at position t - 1.
     aligned = torch.cat([torch.zeros(batch_size, 1), token_logps], dim=1)
     return sums, counts, aligned

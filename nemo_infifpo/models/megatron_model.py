@@ -13,17 +13,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nemo_infifpo.engine.cpu_compat import tensors_stay_on_cpu
+from nemo_infifpo.engine.cpu_compat import running_on_cpu, tensors_stay_on_cpu
 from nemo_infifpo.models.architecture import ArchitectureSpec
 from nemo_infifpo.models.parallel import ParallelLayout, stage_layer_counts, validate_parallel_layout
 
 
 def transformer_engine_available() -> bool:
+    """TE needs CUDA: never on the CPU path, which NEMO_INFIFPO_FORCE_CPU=1 selects on GPU hosts too."""
+    if running_on_cpu():
+        return False
     try:
         import transformer_engine  # noqa: F401  # type: ignore[import-not-found]
     except Exception:  # ImportError, or a broken CUDA install raising at import time
         return False
-    return torch.cuda.is_available()
+    return True
+
+
+def default_model_device() -> torch.device:
+    """This process's GPU, or the CPU on the CPU path. Not ``torch.cuda.is_available()``: on a
+    GPU host with NEMO_INFIFPO_FORCE_CPU=1, ``current_device()`` is patched to return the CPU
+    device and ``torch.device("cuda", <cpu device>)`` is a TypeError."""
+    return torch.device("cpu") if running_on_cpu() else torch.device("cuda", torch.cuda.current_device())
 
 
 def resolve_use_transformer_engine(requested: bool | None) -> bool:
@@ -134,9 +144,7 @@ def build_gpt_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else default_model_device()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if (tp, pp) != (layout.tensor_parallel, layout.pipeline_parallel):

@@ -32,11 +32,34 @@ import torch.distributed as dist
 from nemo_infifpo.training.config import TrainConfig
 from nemo_infifpo.training.errors import NonFiniteError
 
-__all__ = ["CpuAdamW", "MegatronOptimizer", "NonFiniteError", "TrainingOptimizer", "build_optimizer"]
+__all__ = [
+    "CpuAdamW",
+    "MegatronOptimizer",
+    "NonFiniteError",
+    "TrainingOptimizer",
+    "apply_param_group_schedule",
+    "build_optimizer",
+    "effective_weight_decay",
+]
 
 
-def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    return param.ndim == 1 or name.endswith(".bias")
+def effective_weight_decay(name: str, param: torch.nn.Parameter, weight_decay: float) -> float:
+    """The weight decay a parameter gets on either path: megatron's standard rule, none on
+    1-D parameters (norms) and biases."""
+    return 0.0 if param.ndim == 1 or name.endswith(".bias") else weight_decay
+
+
+def apply_param_group_schedule(param_groups: list[dict[str, Any]], lr: float, weight_decay: float) -> None:
+    """Set one step's learning rate and weight decay on megatron's parameter groups.
+
+    megatron builds its Adam groups with the full ``weight_decay`` and records the per-group
+    multipliers (``wd_mult=0`` for norms and biases, ``lr_mult``) for megatron-LM's parameter
+    scheduler to apply each step; without that scheduler they must be applied here, or norms
+    and biases are decayed too.
+    """
+    for group in param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
 
 
 class TrainingOptimizer(ABC):
@@ -84,7 +107,7 @@ class CpuAdamW(TrainingOptimizer):
         decay, no_decay = [], []
         for name, param in model.named_parameters():
             if param.requires_grad:
-                (no_decay if _no_weight_decay(name, param) else decay).append(param)
+                (decay if effective_weight_decay(name, param, 1.0) else no_decay).append(param)
         self.model = model
         self.params = decay + no_decay
         self.grad_clip = o.grad_clip
@@ -251,6 +274,7 @@ class MegatronOptimizer(TrainingOptimizer):
             [ddp],
         )
         self.model_chunks = [ddp]
+        self.weight_decay = o.weight_decay
 
     def zero_grad(self) -> None:
         for chunk in self.model_chunks:
@@ -263,8 +287,7 @@ class MegatronOptimizer(TrainingOptimizer):
         finalize_model_grads(model_chunks, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
 
     def step(self, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+        apply_param_group_schedule(self.optimizer.param_groups, lr, self.weight_decay)
         # Measure first (copies model grads to the fp32 main grads; idempotent), so a
         # non-finite norm stops the run before megatron touches the weights.
         self.optimizer.prepare_grads()
