@@ -236,7 +236,7 @@ def test_array_spec_and_dry_run(tmp_path: Path) -> None:
                INFIFPO_EXPORT_SBATCH_ARGS="--mem=200G")
     result = subprocess.run(["bash", str(REPO / ORCHESTRATOR)], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "score=dry-score merge=dry-merge train=dry-train export=dry-export"
+    assert result.stdout.strip() == "score=dry-score merge=dry-merge train=dry-train export=dry-export eval=dry-evaluate"
     commands = {line.split()[-1].split("/")[-1]: line for line in result.stderr.splitlines() if line.startswith("dry run: sbatch")}
     score, merge, train, export = (commands[f"{s}.sbatch"] for s in ("score", "merge", "train", "export"))
     assert "--array=0-5%3" in score and "--ntasks=8" in score and "--gpus-per-node=8" in score
@@ -244,6 +244,8 @@ def test_array_spec_and_dry_run(tmp_path: Path) -> None:
     for flag in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--requeue", "--signal=B:USR1@300", "--dependency=afterok:dry-merge"):
         assert flag in train, train
     assert "--mem=200G" in export and "--dependency=afterok:dry-train" in export
+    evaluate = commands["evaluate.sbatch"]  # one GPU (vLLM) after the export
+    assert "--gpus-per-node=1" in evaluate and "--dependency=afterok:dry-export" in evaluate and "--mem=200G" not in evaluate
     assert not (tmp_path / "out" / "pipeline.json").exists() and not list((tmp_path / "out" / "status").glob("*.job"))
     assert _bash("infifpo_array_spec 0 1 2 5 7 8; echo; infifpo_array_spec 3; echo") == "0-2,5,7-8\n3\n"
 
