@@ -9,12 +9,16 @@ choices. Its :class:`ScoringIdentity` lists everything that decides the numbers:
   bytes: hashing 30 GB on every run would cost minutes; a weight file rewritten in place with
   exactly the same size and header is not detected.
 - ``tokenizer_fingerprint``: :meth:`ResponseTokenizer.fingerprint` (vocabulary, special tokens,
-  chat template, response-boundary version).
+  chat template and its arguments, the pinned template date, the boundary mode, the renders of
+  probe conversations, response-boundary version).
 - ``dataset_fingerprint``: sha256 of the normalised rows (id + messages), in id order.
 - ``max_length``, ``dtype``, ``backend``, ``shard_count``.
 
 A rerun must agree on all of them to resume; otherwise :class:`ScoringMismatchError` names the
-fields that differ. Parallel sizes, batch sizes and the package version are recorded
+fields that differ. The manifest's ``info`` also records how the template behaves
+(``template``: boundary mode, arguments, pinned date, whether it reads the clock, trims
+content or strips reasoning, the end-of-turn marker), the row policy and the rows left out
+while reading the data (``read_excluded``). Parallel sizes, batch sizes and the package version are recorded
 (``info``) but do not block a resume: they change floating-point rounding, not what is scored.
 """
 
