@@ -335,6 +335,10 @@ def case_bad_boundary_mode(tmp, world, capsys):
     return _fails("score", _score_config_from({"tokenizer.boundary": "prefix"}), capsys)
 
 
+def case_hf_backend_with_model_parallelism(tmp, world, capsys):
+    return _fails("score", _score_config_from({"model.backend": "hf", "model.tensor_model_parallel_size": 2}), capsys)
+
+
 def case_not_an_integer(tmp, world, capsys):
     return _fails("score", _score_config_from({"data.max_length": "lots"}), capsys)
 

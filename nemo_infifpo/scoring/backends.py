@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
+from nemo_infifpo.data.errors import ConfigError, InputError
 from nemo_infifpo.logprobs import (
     sequence_logprob_sums,
     shift_for_next_token,
@@ -62,7 +63,7 @@ _PROBE_TOKENS = 64
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -122,7 +123,7 @@ class ScoringBackend(Protocol):
 def _check_token_range(tokens: torch.Tensor, vocab_size: int, model: str) -> None:
     largest = int(tokens.max())
     if largest >= vocab_size:
-        raise ValueError(
+        raise InputError(
             f"token id {largest} is outside the vocabulary of {model} ({vocab_size} ids): the "
             "tokenizer does not belong to this model (check tokenizer.path)"
         )
@@ -229,10 +230,10 @@ class HFBackend:
         from nemo_infifpo.models.checkpoint import is_megatron_checkpoint
 
         if logits_mode not in HF_LOGIT_MODES:
-            raise ValueError(f"hf.logits must be one of {', '.join(HF_LOGIT_MODES)}, got {logits_mode!r}")
+            raise ConfigError(f"hf.logits must be one of {', '.join(HF_LOGIT_MODES)}, got {logits_mode!r}")
         path = Path(model_path)
         if is_megatron_checkpoint(path):
-            raise ValueError(
+            raise ConfigError(
                 f"{path} is a megatron checkpoint written by this package; the hf back end needs a "
                 "Hugging Face model directory (use model.backend=megatron, or export it first)"
             )
@@ -259,7 +260,7 @@ class HFBackend:
         self._model_path = str(path)
         output = self.model.get_output_embeddings()
         if output is None:
-            raise ValueError(f"{path}: the model has no output embedding (lm_head); cannot score")
+            raise InputError(f"{path}: the model has no output embedding (lm_head); cannot score")
         self.vocab_size = int(output.weight.shape[0])
         self._mode = logits_mode  # "auto" resolves to "hidden" or "logits" on the first batch
 
@@ -366,9 +367,9 @@ def create_backend(
         )
     if backend == "hf":
         if tensor_model_parallel_size != 1 or pipeline_model_parallel_size != 1:
-            raise ValueError(
+            raise ConfigError(
                 "the hf back end is data-parallel only: set model.tensor_model_parallel_size=1 and "
                 "model.pipeline_model_parallel_size=1 (or use model.backend=megatron)"
             )
         return HFBackend(model_path, dtype=dtype, logits_mode=hf_logits)
-    raise ValueError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

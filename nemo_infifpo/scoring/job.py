@@ -39,7 +39,14 @@ from nemo_infifpo.data.templates import (
     TokenizedSequence,
     load_tokenizer,
 )
-from nemo_infifpo.scoring.backends import BACKENDS, DTYPES, ScoringBackend, create_backend, parse_dtype
+from nemo_infifpo.scoring.backends import (
+    BACKENDS,
+    DTYPES,
+    HF_LOGIT_MODES,
+    ScoringBackend,
+    create_backend,
+    parse_dtype,
+)
 from nemo_infifpo.scoring.batching import batch_stats, collate, plan_batches
 from nemo_infifpo.scoring.manifest import (
     ScoringIdentity,
@@ -181,6 +188,13 @@ class ScoreConfig:
             raise ConfigError(
                 f"tokenizer.boundary must be one of {', '.join(BOUNDARY_MODES)}, got {self.boundary!r}"
             )
+        if self.backend == "hf" and (self.tensor_model_parallel_size, self.pipeline_model_parallel_size) != (1, 1):
+            raise ConfigError(
+                "the hf back end is data-parallel only: set model.tensor_model_parallel_size=1 and "
+                "model.pipeline_model_parallel_size=1 (or use model.backend=megatron)"
+            )
+        if self.hf_logits not in HF_LOGIT_MODES:
+            raise ConfigError(f"hf.logits must be one of {', '.join(HF_LOGIT_MODES)}, got {self.hf_logits!r}")
         if self.shard_count < 1:
             raise ConfigError(f"shard.count must be >= 1, got {self.shard_count}")
         if self.shard_index is not None and not 0 <= self.shard_index < self.shard_count:
