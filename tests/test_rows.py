@@ -469,7 +469,7 @@ def test_policy_fraction_counts_only_invalid_rows_and_summarises(tmp_path: Path)
     with pytest.raises(TooManyExcludedRows) as caught:
         read_preference_rows(_write_lines(tmp_path / "two.jsonl", lines))
     message = str(caught.value)
-    assert "2 of 100 rows are invalid (2.00%)" in message
+    assert "2 of 100 rows are invalid (stage read; 2.00%)" in message
     assert "By reason: invalid_json 1, invalid_row 1." in message
     assert "line 99" in message and "'x'" in message
     assert "\n" not in message  # one paragraph

@@ -87,7 +87,7 @@ def test_one_percent_of_rows_break_one_template_and_the_merge_drops_them_everywh
     # Two broken rows in 100 are more than 1%: the job stops before loading the model.
     data2 = world.root / "two_percent.jsonl"
     data2.write_text("".join(json.dumps(r) + "\n" for r in _rows(100, with_system={3, 42})))
-    with pytest.raises(Exception, match=r"2 of 100 rows are invalid .*By reason: not_prefix_stable 2\. First: 'r003'"):
+    with pytest.raises(Exception, match=r"2 of 100 rows are invalid \(stage score, model qwen; 2.00%\).*By reason: not_prefix_stable 2\. First: 'r003': the template dropped the system message"):
         _score(world, "qwen", data2, out / "qwen2", chat_template=SYSTEM_IF_LAST_USER)
     assert not list((out / "qwen2").glob("shard-*"))
 

@@ -543,7 +543,7 @@ def test_try_encode_records_or_raises_under_the_row_policy() -> None:
     assert encoder.try_encode(WITH_SYSTEM, log) is None
     [entry] = log.entries
     assert (entry.id, entry.stage, entry.model, entry.reason) == ("sys", "train", "pivot", "not_prefix_stable")
-    with pytest.raises(TooManyExcludedRows, match=r"train \(pivot\): 1 of 2 rows are invalid"):
+    with pytest.raises(TooManyExcludedRows, match=r"1 of 2 rows are invalid \(stage train, model pivot; 50.00%\)"):
         log.check(2)
     log.check(100)
     with pytest.raises(TemplateError, match="dropped the system message"):

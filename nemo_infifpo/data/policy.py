@@ -183,10 +183,10 @@ def check_fraction(
     allowed = math.floor(policy.max_excluded_fraction * total + 1e-9)
     if len(invalid) <= allowed:
         return
-    where = f"{stage}" + (f" ({model})" if model else "")
+    where = f"stage {stage}" + (f", model {model}" if model else "")
     raise TooManyExcludedRows(
-        f"{where}: {len(invalid)} of {total} {what} are invalid "
-        f"({100 * len(invalid) / max(total, 1):.2f}%), more than "
+        f"{len(invalid)} of {total} {what} are invalid ({where}; "
+        f"{100 * len(invalid) / max(total, 1):.2f}%), more than "
         f"data.max_excluded_fraction={policy.max_excluded_fraction} allows ({allowed}). "
         f"{summarize_exclusions(invalid)} Fix the data or the template (tokenizer.chat_template, "
         "tokenizer.chat_template_kwargs, tokenizer.boundary), or raise data.max_excluded_fraction "
@@ -201,9 +201,16 @@ def summarize_exclusions(entries: Iterable[RowExclusion]) -> str:
         return "No rows excluded."
     counts = Counter(entry.reason for entry in entries)
     by_reason = ", ".join(f"{reason} {count}" for reason, count in counts.most_common())
-    first = "; ".join(f"{entry.label}: {_clip(entry.detail)}" for entry in entries[:_IDS_SHOWN])
+    first = "; ".join(f"{entry.label}: {_clip(_essence(entry.detail))}" for entry in entries[:_IDS_SHOWN])
     return f"By reason: {by_reason}. First: {first}."
 
 
-def _clip(text: str, limit: int = 160) -> str:
+def _essence(detail: str) -> str:
+    """The part of a message a summary needs: its stated cause when it has one (template
+    errors end with "Cause: ..."), else the whole message."""
+    _, marker, cause = detail.partition("Cause: ")
+    return cause if marker else detail
+
+
+def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
