@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -253,9 +254,10 @@ def check_output_dir(path: str | Path) -> Path:
         raise InputError(f"output_dir {str(path)!r} is an existing file, expected a directory (or a new path)")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A unique name: array tasks on other nodes may probe the same directory at once.
+        descriptor, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(descriptor)
+        os.unlink(probe)
     except OSError as error:
         raise InputError(
             f"output_dir {str(path)!r} is not writable ({error.strerror or error}); choose another output_dir"
