@@ -46,7 +46,16 @@ def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGrou
         dist.all_reduce(tensor, op=op, group=group)
 
 
-def _check_targets(targets: torch.Tensor, limit: int, what: str) -> None:
+def check_target_ids(targets: torch.Tensor, limit: int, what: str) -> None:
+    """Raise if a target id lies outside ``[0, limit)`` (a tokenizer/model vocabulary mismatch).
+
+    An id beyond the padded vocabulary would otherwise be found on no tensor-parallel shard
+    and give a finite, wrong log-prob. Only host tensors are checked: on a GPU the check is a
+    host synchronisation per micro-batch, which stalls the pipeline schedule, so callers check
+    their batches on the host before moving them (training's forward step, scoring).
+    """
+    if targets.device.type != "cpu":
+        return
     if targets.numel() and (bool((targets < 0).any()) or bool((targets >= limit).any())):
         bad = targets[(targets < 0) | (targets >= limit)][:5].tolist()
         raise ValueError(
@@ -138,7 +147,7 @@ def vocab_parallel_token_logprobs(
     if vocab_size is not None and not 0 < vocab_size <= total_v:
         raise ValueError(f"vocab_size {vocab_size} must be in (0, {total_v}] (padded vocab)")
     limit = total_v if vocab_size is None else vocab_size
-    _check_targets(targets, limit, "vocab_size" if vocab_size is not None else "padded vocab")
+    check_target_ids(targets, limit, "vocab_size" if vocab_size is not None else "padded vocab")
     return _VocabParallelLogProb.apply(logits, targets.long(), rank * local_v, vocab_size, group)
 
 
@@ -240,7 +249,7 @@ def token_logprobs_from_hidden(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if vocab_size is not None and not 0 < vocab_size <= output_weight.size(0):
         raise ValueError(f"vocab_size {vocab_size} must be in (0, {output_weight.size(0)}]")
-    _check_targets(labels, vocab_size or output_weight.size(0), "vocabulary")
+    check_target_ids(labels, vocab_size or output_weight.size(0), "vocabulary")
     return _ChunkedHiddenLogProb.apply(hidden, output_weight, labels.long(), int(chunk_size), vocab_size)
 
 

@@ -86,7 +86,7 @@ def _require_finite(name: str, t: torch.Tensor) -> None:
 
 def _validate(
     policy_chosen, policy_rejected, ref_chosen, ref_rejected, source_chosen, source_rejected,
-    *, beta, fusion, include_pivot, loss_type, eps,
+    *, beta, fusion, include_pivot, loss_type, eps, check_finite=True,
 ) -> None:
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; allowed values: {', '.join(map(repr, FUSIONS))}")
@@ -131,8 +131,9 @@ def _validate(
     if n_chosen == 0 and not include_pivot:
         raise ValueError("no fusion candidates: N = 0 sources and include_pivot=False")
 
-    for name, t in {**per_row, **per_source}.items():
-        _require_finite(name, t)
+    if check_finite:  # reads the values back to the host: a GPU sync per tensor
+        for name, t in {**per_row, **per_source}.items():
+            _require_finite(name, t)
 
 
 # --------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def _validate(
 # --------------------------------------------------------------------------------------
 
 
-def sequence_scores(logp_sums: torch.Tensor, token_counts, *, length_norm: bool) -> torch.Tensor:
+def sequence_scores(logp_sums: torch.Tensor, token_counts, *, length_norm: bool, check_counts: bool = True) -> torch.Tensor:
     """Sequence score ``s_m(y)`` from a log-prob sum ``S_m(y)`` and token count ``T_m(y)`` (Eq. 10).
 
     ``length_norm=True`` gives the mean token log-prob ``S / T``; otherwise ``S`` itself.
@@ -158,7 +159,7 @@ def sequence_scores(logp_sums: torch.Tensor, token_counts, *, length_norm: bool)
         raise ValueError(
             f"token_counts shape {tuple(counts.shape)} does not match logp_sums shape {tuple(logp_sums.shape)}"
         )
-    if not bool((counts > 0).all()):
+    if check_counts and not bool((counts > 0).all()):
         raise ValueError("token_counts must be > 0 when length_norm=True (an empty response has no mean log-prob)")
     return sums / counts.to(dtype)
 
@@ -268,6 +269,7 @@ def infifpo_loss(
     include_pivot: bool = True,
     loss_type: str = "sigmoid",
     eps: float = 1e-6,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-row InfiFPO loss (METHOD.md, Eq. 13) and diagnostics.
 
@@ -284,6 +286,10 @@ def infifpo_loss(
         include_pivot: add p0 as a fusion candidate (index K-1).
         loss_type: ``"sigmoid"`` (InfiFPO) or ``"ipo"`` (InfiFPO-IPO).
         eps: confidence-fusion smoothing constant.
+        check_finite: reject nan/inf inputs, naming the rows. Reading the values back costs a
+            host synchronisation per input on a GPU; the training step turns it off (scores
+            are checked when the scored set is read, and a non-finite policy score makes the
+            reduced loss non-finite, which stops the step before the update).
 
     Returns:
         ``(losses, metrics)``: ``losses`` is [B] (average it for the batch loss). ``metrics``
@@ -297,6 +303,7 @@ def infifpo_loss(
     _validate(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, source_chosen, source_rejected,
         beta=beta, fusion=fusion, include_pivot=include_pivot, loss_type=loss_type, eps=eps,
+        check_finite=check_finite,
     )
     beta = float(beta)
     dtype = _compute_dtype(policy_chosen, policy_rejected, ref_chosen, ref_rejected, source_chosen, source_rejected)
@@ -357,6 +364,7 @@ def dpo_loss(
     *,
     beta: float,
     loss_type: str = "sigmoid",
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (or IPO) against reference p0: the InfiFPO limit with sources = {p0}.
 
@@ -373,5 +381,5 @@ def dpo_loss(
     return infifpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected,
         ref_chosen[:, None], ref_rejected[:, None],
-        beta=beta, fusion="mean", clip=False, include_pivot=False, loss_type=loss_type,
+        beta=beta, fusion="mean", clip=False, include_pivot=False, loss_type=loss_type, check_finite=check_finite,
     )

@@ -350,3 +350,33 @@ def test_gpu_optimizer_groups_get_the_cpu_paths_weight_decay():
     assert any(out["built"][n] == 0.1 for n in no_decay)  # what megatron's groups hold before
     assert {n: v[0] for n, v in out["applied"].items()} == pytest.approx(out["ours"])
     assert all(v[1] == pytest.approx(2e-4) for v in out["applied"].values())
+
+
+@pytest.mark.parametrize("loss", [
+    {"type": "infifpo"}, {"type": "infifpo", "fusion": "confidence", "length_norm": False},
+    {"type": "ipo", "fusion": "mean"}, {"type": "dpo"}, {"type": "sft"},
+])
+def test_the_loss_path_never_reads_values_back_to_the_host(loss):
+    """The per-micro-batch path (vocab-parallel log-probs -> per-sequence sums -> objective ->
+    backward) runs on meta tensors, which have no values: any host synchronisation (.item(),
+    bool(), float() of a tensor) would raise. On a GPU each such read stalls the 1F1B schedule."""
+    from nemo_infifpo.logprobs import vocab_parallel_token_logprobs
+    from nemo_infifpo.training.config import LossConfig
+    from nemo_infifpo.training.objective import Objective, per_sequence_logprobs
+
+    meta = torch.device("meta")
+    objective = Objective(LossConfig(**loss), ("qwen", "llama"))
+    pairs = 3
+    sequences = pairs if objective.is_sft else 2 * pairs
+    logits = torch.empty(sequences, 16, 50, device=meta, requires_grad=True)
+    labels = torch.zeros(sequences, 16, dtype=torch.long, device=meta)
+    token_logps = vocab_parallel_token_logprobs(logits, labels, vocab_size=48)
+    sums, counts = per_sequence_logprobs(
+        token_logps, torch.ones(sequences, 16, dtype=torch.bool, device=meta),
+        torch.zeros(sequences, 16, dtype=torch.long, device=meta), sequences,
+    )
+    scores = {name: torch.empty(pairs, dtype=torch.float64, device=meta) for name in ("ref_chosen", "ref_rejected")}
+    scores.update({name: torch.empty(pairs, 2, dtype=torch.float64, device=meta) for name in ("source_chosen", "source_rejected")})
+    loss_sum, count, stats = objective(sums, counts, pairs, scores)
+    loss_sum.backward()
+    assert stats.shape == (len(objective.stat_names),) and count.device == meta

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_infifpo.logprobs import (
+    check_target_ids,
     sequence_logprob_sums,
     shift_for_next_token,
     vocab_parallel_token_logprobs,
@@ -84,6 +85,7 @@ def compute_sequence_logprobs(
     device = next(chunks[0].parameters()).device
 
     inputs, targets, target_mask = shift_for_next_token(tokens.long(), response_mask)
+    check_target_ids(targets.cpu(), vocab_size, "vocab_size")  # once, on the host (no GPU sync per micro-batch)
     # The pipeline schedule sends fixed-shape activations between stages, so every
     # micro-batch has micro_batch_size rows: pad with copies of row 0, fully masked.
     num_micro = -(-batch_size // micro_batch_size)

@@ -26,7 +26,9 @@ flipped bit), says which file and falls back to the newest intact one.
 
 Resuming at another layout: model weights and the CPU optimizer's moments reshard through
 ``dist_checkpointing`` (each moment carries its parameter's sharding); the GPU distributed
-optimizer is saved in megatron's ``fully_reshardable`` form, which reshards too. RNG states
+optimizer is saved in megatron's ``fully_sharded_model_space`` form (each rank writes its own
+shard, mapped to the parameters' global shapes), which reshards too without ever gathering
+the optimizer state on one rank. RNG states
 are per rank and only restored when TP, PP and DP are unchanged (dropout is 0 for every
 supported model, and data order does not depend on them).
 """
@@ -318,7 +320,7 @@ def save_checkpoint(
     from nemo_infifpo.models.checkpoint import hf_assets_dir
     from nemo_infifpo.training.signals import stop_signals_deferred
 
-    with stop_signals_deferred():
+    with stop_signals_deferred(), optimizer.parameters_synchronized():
         final = _save_checkpoint(output_dir, model, optimizer, state, keep_last=keep_last)
     # The newest checkpoint now holds the model's HF assets and is never pruned, whereas the
     # directory they were copied from (a resumed-from checkpoint) may be pruned later.

@@ -72,6 +72,12 @@ class ModelConfig:
     use_transformer_engine: Optional[bool] = None
     # CUDA only: shard the optimizer state over data-parallel ranks (megatron's ZeRO-1).
     use_distributed_optimizer: bool = True
+    # CUDA only: reduce gradients bucket by bucket during the backward pass, and (with the
+    # distributed optimizer) all-gather updated parameters during the next forward pass.
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+    # Elements per communication bucket; None: megatron's default (max(40M, 1M x DP)).
+    ddp_bucket_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -366,6 +372,8 @@ def _check_values(c: TrainConfig) -> None:
         f"({m.global_batch_size}) must be a multiple of model.micro_batch_size ({m.micro_batch_size})",
     )
     _require(d.max_length >= 2, "data.max_length", f"must be >= 2, got {d.max_length}")
+    if m.ddp_bucket_size is not None:
+        _require(m.ddp_bucket_size >= 1, "model.ddp_bucket_size", f"must be >= 1 or null, got {m.ddp_bucket_size}")
     if d.pack_length is not None:
         _require(
             d.pack_length >= 2 * d.max_length,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from nemo.core.classes import ModelPT
-from nemo_infifpo.logprobs import vocab_parallel_token_logprobs
+from nemo_infifpo.logprobs import check_target_ids, vocab_parallel_token_logprobs
 from nemo_infifpo.training.batches import MicroBatch
 from nemo_infifpo.training.config import TrainConfig, config_to_dict
 from nemo_infifpo.training.objective import Objective, per_sequence_logprobs
@@ -118,7 +118,9 @@ class MegatronInfiFPOModel(ModelPT):
         """megatron's ``forward_step_func``: run one micro-batch through ``model`` (this
         rank's chunk as the schedule sees it, possibly DDP-wrapped)."""
         device = next(self.module.parameters()).device
-        batch = next(data_iterator).to(device)
+        batch = next(data_iterator)
+        check_target_ids(batch.labels, self.vocab_size, "the pivot's vocab_size")  # on the host: no GPU sync
+        batch = batch.to(device)
         output = model(
             batch.input_ids, batch.position_ids, batch.attention_mask, packed_seq_params=batch.packed_seq_params
         )

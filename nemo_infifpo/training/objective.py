@@ -85,25 +85,26 @@ class Objective:
         token counts: chosen responses of the ``num_pairs`` pairs first, then (except SFT) the
         rejected ones. ``scores`` holds the pairs' precomputed p0/source scores.
         """
+        # No host synchronisation in here: it would stall the 1F1B pipeline on every
+        # micro-batch. Non-finite log-probs (diverged weights) are not checked here either:
+        # they make the reduced loss non-finite, and the loop stops before the update.
         device = logp_sums.device
-        if not bool(torch.isfinite(logp_sums).all()):
-            # Diverged weights. Raising here would strand the other pipeline stages inside the
-            # schedule; a NaN loss reaches every rank through the metrics and stops the loop.
-            nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
-            count = torch.tensor(num_pairs, dtype=torch.int32, device=device)
-            return logp_sums.sum() * nan, count, nan.expand(len(self.stat_names)).clone()
+        pairs = torch.full((), num_pairs, dtype=torch.float64, device=device)
         if self.is_sft:
             nll = -logp_sums.sum()
             tokens = token_counts.sum()
-            stats = torch.stack([nll.detach().double(), tokens.double(), torch.tensor(float(num_pairs), device=device, dtype=torch.float64)])
+            stats = torch.stack([nll.detach().double(), tokens.double(), pairs])
             return nll, tokens.to(torch.int32), stats
 
         c = self.config
-        policy = sequence_scores(logp_sums, token_counts, length_norm=c.length_norm)
+        # Response token counts are >= 1 by construction (templates.py), so no check here.
+        policy = sequence_scores(logp_sums, token_counts, length_norm=c.length_norm, check_counts=False)
         chosen, rejected = policy[:num_pairs], policy[num_pairs:]
-        ref = {k: v.to(device) for k, v in scores.items()}
+        ref = {k: v.to(device, non_blocking=True) for k, v in scores.items()}
         if c.type == "dpo":
-            losses, metrics = dpo_loss(chosen, rejected, ref["ref_chosen"], ref["ref_rejected"], beta=c.beta)
+            losses, metrics = dpo_loss(
+                chosen, rejected, ref["ref_chosen"], ref["ref_rejected"], beta=c.beta, check_finite=False
+            )
         else:
             losses, metrics = infifpo_loss(
                 chosen,
@@ -117,6 +118,7 @@ class Objective:
                 clip=c.clip,
                 include_pivot=c.include_pivot,
                 loss_type="ipo" if c.type == "ipo" else "sigmoid",
+                check_finite=False,
             )
         weights = metrics["weights"].double()
         # Confidence fusion weighs chosen and rejected separately ([B, 2, K]): report their mean.
@@ -124,7 +126,7 @@ class Objective:
         row_sums = torch.stack(
             [
                 losses.detach().double().sum(),
-                torch.tensor(float(num_pairs), device=device, dtype=torch.float64),
+                pairs,
                 metrics["reward_chosen"].double().sum(),
                 metrics["reward_rejected"].double().sum(),
                 metrics["margin"].double().sum(),
@@ -135,7 +137,7 @@ class Objective:
             ]
         )
         stats = torch.cat([row_sums, weight_sums])
-        count = torch.tensor(num_pairs, dtype=torch.int32, device=device)
+        count = torch.full((), num_pairs, dtype=torch.int32, device=device)
         return losses.sum(), count, stats
 
     def summarize(self, totals: torch.Tensor) -> dict[str, float]:

@@ -22,9 +22,10 @@ the gradient norm *before* touching any weight: a non-finite norm raises
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -89,6 +90,12 @@ class TrainingOptimizer(ABC):
 
     @abstractmethod
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+    @contextlib.contextmanager
+    def parameters_synchronized(self) -> Iterator[None]:
+        """While active, the model's parameters hold the latest update on every rank (for
+        checkpoints and exports). Nothing to do unless parameter all-gathers are overlapped."""
+        yield
 
 
 def _check_norm(norm: float) -> None:
@@ -236,11 +243,23 @@ def _all_reduce_coalesced(tensors: list[torch.Tensor], group: Any) -> None:
 
 
 class MegatronOptimizer(TrainingOptimizer):
-    """megatron DDP + ``get_megatron_optimizer`` (distributed optimizer when configured)."""
+    """megatron DDP + ``get_megatron_optimizer`` (distributed optimizer when configured).
 
-    # Checkpoints of the distributed optimizer in a canonical per-parameter layout, so they load
-    # at another TP/PP/DP (megatron gathers the shards on save).
-    SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+    Communication overlaps compute by default: gradients are reduce-scattered in buckets as
+    the backward pass produces them (``model.overlap_grad_reduce``), and under the distributed
+    optimizer the updated parameters are all-gathered bucket by bucket ahead of the next
+    forward pass (``model.overlap_param_gather``). The schedule learns about it through the
+    model config's ``no_sync_func`` (no reduction before the last micro-batch) and
+    ``grad_sync_func``, as megatron-LM's training loop sets them.
+    """
+
+    # Distributed-optimizer checkpoints: every rank writes its own shard of the fp32 main
+    # parameters and Adam moments, each mapped to its model parameter's global shape, so no
+    # rank ever gathers the whole optimizer state (megatron's "fully_reshardable" form
+    # all-gathers it into host memory on every data-parallel rank: ~44 GB per rank for Phi-4
+    # at TP2.PP2, see configs/infifpo_phi4.yaml), and the checkpoint still reshards across
+    # TP, PP and DP.
+    SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -248,15 +267,14 @@ class MegatronOptimizer(TrainingOptimizer):
 
         o, m = config.optim, config.model
         bf16 = m.precision == "bf16"
-        ddp = DistributedDataParallel(
-            config=model.config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                overlap_grad_reduce=False,
-                use_distributed_optimizer=m.use_distributed_optimizer,
-            ),
-            module=model,
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=m.overlap_grad_reduce,
+            overlap_param_gather=m.overlap_param_gather and m.use_distributed_optimizer,
+            use_distributed_optimizer=m.use_distributed_optimizer,
+            bucket_size=m.ddp_bucket_size,
         )
+        ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
@@ -275,10 +293,15 @@ class MegatronOptimizer(TrainingOptimizer):
         )
         self.model_chunks = [ddp]
         self.weight_decay = o.weight_decay
+        self.grad_clip = o.grad_clip
+        if ddp_config.overlap_grad_reduce:
+            model.config.no_sync_func = ddp.no_sync
+            model.config.grad_sync_func = ddp.start_grad_sync
 
     def zero_grad(self) -> None:
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
+        # Under overlap_param_gather this also dispatches the first parameter all-gather.
         self.optimizer.zero_grad()
 
     def finalize_grads(self, model_chunks, num_tokens, pg_collection=None, force_all_reduce=False) -> None:
@@ -286,17 +309,45 @@ class MegatronOptimizer(TrainingOptimizer):
 
         finalize_model_grads(model_chunks, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
 
+    def _inner_optimizers(self) -> list[Any]:
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
     def step(self, lr: float) -> float:
+        """megatron's ``step`` split open so the gradient norm is computed once (for the check,
+        the clipping and the metrics) and a non-finite norm stops before any weight changes."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
         apply_param_group_schedule(self.optimizer.param_groups, lr, self.weight_decay)
-        # Measure first (copies model grads to the fp32 main grads; idempotent), so a
-        # non-finite norm stops the run before megatron touches the weights.
-        self.optimizer.prepare_grads()
+        if self.optimizer.prepare_grads():  # copies model grads to the fp32 main grads
+            raise NonFiniteError("megatron's optimizer found inf/nan in the gradients")
         norm = float(self.optimizer.get_grad_norm())
         _check_norm(norm)
-        success, _, _ = self.optimizer.step()
-        if not success:
-            raise NonFiniteError("megatron's optimizer skipped the update (inf/nan in the gradients)")
+        if self.grad_clip > 0:
+            for inner in self._inner_optimizers():
+                if getattr(inner, "is_stub_optimizer", False):
+                    continue
+                params = inner.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(
+                        params, max_norm=self.grad_clip, total_norm=norm,
+                        use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                    )
+        if not self.optimizer.step_with_ready_grads():
+            raise NonFiniteError("megatron's optimizer skipped the update")
         return norm
+
+    @contextlib.contextmanager
+    def parameters_synchronized(self) -> Iterator[None]:
+        # With overlapped parameter all-gathers the model's weights are only complete after the
+        # next forward's pre-hooks ran: finish the gather before anything reads them.
+        chunks = [c for c in self.model_chunks if getattr(c, "use_forward_hook", False)]
+        for chunk in chunks:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in chunks:
+                chunk.enable_forward_pre_hook()
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading=False) -> dict[str, Any]:
         return self.optimizer.sharded_state_dict(
