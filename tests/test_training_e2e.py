@@ -232,6 +232,14 @@ def test_nan_stops_before_update_without_saving(failures):
     assert outcome["steps_logged"] == [1]
 
 
+def test_step0_parity_runs_the_training_path(failures):
+    """A bug in packing (not used by scoring) must fail parity: it checks the training forward."""
+    assert failures["packing_ok"]["error"] is None, failures["packing_ok"]
+    outcome = failures["broken_packing"]
+    assert outcome["error"] == "Step0ParityError", outcome
+    assert "step-0 parity failed" in outcome["message"]
+
+
 def test_bf16_on_cpu_is_refused(failures):
     outcome = failures["bf16_on_cpu"]
     assert outcome["error"] == "ConfigError" and "model.precision" in outcome["message"]

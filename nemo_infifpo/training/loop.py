@@ -218,11 +218,14 @@ def _train(config: TrainConfig, callbacks: Sequence[Callable[[StepContext], None
         pad_multiple = math.lcm(config.data.pad_to_multiple_of, info.tp if m.sequence_parallel else 1)
 
         # ---- step-0 parity: the pivot must reproduce the precomputed p0 scores
+        forward_backward = get_forward_backward_func()
         parity = None
         if state.step == 0 and config.trainer.step0_parity_check and config.needs_reference_scores:
+            # Step 1's own micro-batches through the training forward (forward only).
+            first = _micro_batches(config, data, plan.rank_share(0, info.dp_rank), pad_multiple=pad_multiple, te=te)
             report = check_step0_parity(
-                model, data, plan.rank_share(0, info.dp_rank), length_norm=config.loss.length_norm,
-                atol=config.trainer.step0_parity_atol, micro_batch_size=m.micro_batch_size, pad_multiple=pad_multiple,
+                model, first, optimizer.model_chunks, forward_backward, data,
+                length_norm=config.loss.length_norm, atol=config.trainer.step0_parity_atol,
             )
             parity = report.max_abs_diff
             log.info("step-0 parity: %d scores match p0 (%s; max |diff| %.3g)", len(report.rows), report.tolerance_text(), parity)
@@ -233,7 +236,6 @@ def _train(config: TrainConfig, callbacks: Sequence[Callable[[StepContext], None
             output_dir, config.logging, enabled=is_rank0, total_steps=plan.total_steps, start_step=state.step,
             run_config=config_to_dict(config),
         )
-        forward_backward = get_forward_backward_func()
         peak = peak_flops_per_second(info.device)
         checkpoint: Path | None = None
         stopped = False

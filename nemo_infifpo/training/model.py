@@ -114,9 +114,17 @@ class MegatronInfiFPOModel(ModelPT):
         """Logits ``[b, s, V/TP]`` on the last pipeline stage, hidden states elsewhere."""
         return self.module(input_ids, position_ids, attention_mask, packed_seq_params=packed_seq_params)
 
-    def forward_step(self, data_iterator: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    def forward_step(
+        self, data_iterator: Iterator[MicroBatch], model: torch.nn.Module, *, scores_only: bool = False
+    ) -> tuple[torch.Tensor, Any]:
         """megatron's ``forward_step_func``: run one micro-batch through ``model`` (this
-        rank's chunk as the schedule sees it, possibly DDP-wrapped)."""
+        rank's chunk as the schedule sees it, possibly DDP-wrapped).
+
+        Training uses the objective's loss; ``scores_only`` (with ``forward_only``) returns each
+        sequence's response log-prob sum and token count instead -- the step-0 parity check,
+        which must see exactly the forward pass training runs (packing, THD, layer spec,
+        dtype, micro-batching).
+        """
         device = next(self.module.parameters()).device
         batch = next(data_iterator)
         check_target_ids(batch.labels, self.vocab_size, "the pivot's vocab_size")  # on the host: no GPU sync
@@ -124,7 +132,7 @@ class MegatronInfiFPOModel(ModelPT):
         output = model(
             batch.input_ids, batch.position_ids, batch.attention_mask, packed_seq_params=batch.packed_seq_params
         )
-        return output, partial(self.loss_func, batch)
+        return output, partial(self.scores_func if scores_only else self.loss_func, batch)
 
     def sequence_logprobs(self, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence response log-prob sums (float32) and token counts of ``batch``."""
@@ -136,6 +144,15 @@ class MegatronInfiFPOModel(ModelPT):
         sums, counts = self.sequence_logprobs(batch, logits)
         loss_sum, count, stats = self.objective(sums, counts, batch.num_pairs, batch.scores)
         return loss_sum, count, {"stats": stats}
+
+    def scores_func(self, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Last-stage output of a forward-only pass: the sequences' sums and counts, with the
+        data rows they belong to (chosen sequences first, then rejected, as in the loss)."""
+        sums, counts = self.sequence_logprobs(batch, logits)
+        nothing = torch.zeros((), dtype=torch.float32, device=sums.device)
+        return nothing, torch.zeros((), dtype=torch.int32, device=sums.device), {
+            "sums": sums.detach(), "counts": counts.detach(), "rows": batch.row_indices, "num_pairs": batch.num_pairs,
+        }
 
     def reduce_stats(self, losses_reduced: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Stats summed over micro-batches and data-parallel ranks, on every rank (collective)."""

@@ -11,20 +11,22 @@ The tolerance is per token: with ``length_norm`` the scores are token means and 
 within ``atol``; without it they are sums over T tokens, whose rounding error grows with T
 (float32 sums of ~2000 nats), so a sequence's sum is compared within ``atol * T``.
 
-The scores are recomputed with :func:`nemo_infifpo.engine.forward.compute_sequence_logprobs`,
-the forward path scoring uses, at the training layout, in eval mode.
+The scores are recomputed by the training step itself, forward only: the same micro-batches
+(padding or packing, THD on Transformer Engine), the same model chunks, layer spec, dtype and
+forward step, with :meth:`MegatronInfiFPOModel.scores_func` in place of the loss. A bug in
+that path (e.g. packed sequences attending to each other) therefore fails the check.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from nemo_infifpo.loss import sequence_scores
-from nemo_infifpo.training.batches import padded_length
 from nemo_infifpo.training.dataset import TrainingData
 
 __all__ = ["ParityReport", "Step0ParityError", "check_step0_parity"]
@@ -96,54 +98,52 @@ class ParityReport:
 
 def check_step0_parity(
     model,
+    micro_batches: list,
+    model_chunks: list,
+    forward_backward,
     data: TrainingData,
-    rows: list[int],
     *,
     length_norm: bool,
     atol: float,
-    micro_batch_size: int,
-    pad_multiple: int,
 ) -> ParityReport:
-    """Recompute p0's scores of ``rows`` (this data-parallel rank's share of the first global
-    batch) with ``model``, gather every rank's rows, raise :class:`Step0ParityError` on a
-    mismatch. Collective over all ranks."""
-    from nemo_infifpo.engine.forward import compute_sequence_logprobs
-
-    pairs = data.pairs(rows)
-    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    # compute_sequence_logprobs feeds tokens[:, :-1]: make that length the padded multiple.
-    length = padded_length(max(len(s) for s in seqs) - 1, pad_multiple) + 1
-    tokens = torch.zeros(len(seqs), length, dtype=torch.long)
-    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
-    for k, seq in enumerate(seqs):
-        tokens[k, : len(seq)] = torch.tensor(seq.input_ids)
-        mask[k, seq.response_start : len(seq)] = True
-    sums, counts = compute_sequence_logprobs(
-        model.module, tokens, mask, micro_batch_size=2 * micro_batch_size, vocab_size=model.vocab_size
-    )
-    recomputed = sequence_scores(sums.double(), counts, length_norm=length_norm)
-
-    m = len(pairs)
-    index = torch.as_tensor(rows, dtype=torch.long)
-    precomputed = torch.cat([data.scores["ref_chosen"][index], data.scores["ref_rejected"][index]])
-    assert data.ref_tokens is not None
-    pre_tokens = torch.cat([data.ref_tokens[0][index], data.ref_tokens[1][index]])
-    mine = [
-        ParityRow(
-            id=data.rows[rows[k % m]].id,
-            side="chosen" if k < m else "rejected",
-            precomputed=float(precomputed[k]),
-            recomputed=float(recomputed[k]),
-            precomputed_tokens=int(pre_tokens[k]),
-            recomputed_tokens=int(counts[k]),
+    """Recompute p0's scores of this rank's ``micro_batches`` (its share of the first global
+    batch, exactly as step 1 will feed them) through the training forward, gather every rank's
+    rows, raise :class:`Step0ParityError` on a mismatch. Collective over all ranks."""
+    with torch.no_grad():
+        outputs = forward_backward(
+            forward_step_func=partial(model.forward_step, scores_only=True),
+            data_iterator=iter(micro_batches),
+            model=model_chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0].seq_length,
+            micro_batch_size=int(micro_batches[0].input_ids.shape[0]),
+            forward_only=True,
         )
-        for k in range(2 * m)
-    ]
+    mine = []
+    for out in outputs:  # empty except on the last pipeline stage
+        m, rows = out["num_pairs"], out["rows"]
+        sums, counts = out["sums"].double().cpu(), out["counts"].cpu()
+        recomputed = sequence_scores(sums, counts, length_norm=length_norm)
+        index = torch.as_tensor(rows, dtype=torch.long)
+        precomputed = torch.cat([data.scores["ref_chosen"][index], data.scores["ref_rejected"][index]])
+        assert data.ref_tokens is not None
+        pre_tokens = torch.cat([data.ref_tokens[0][index], data.ref_tokens[1][index]])
+        mine.extend(
+            ParityRow(
+                id=data.rows[rows[k % m]].id,
+                side="chosen" if k < m else "rejected",
+                precomputed=float(precomputed[k]),
+                recomputed=float(recomputed[k]),
+                precomputed_tokens=int(pre_tokens[k]),
+                recomputed_tokens=int(counts[k]),
+            )
+            for k in range(2 * m)
+        )
     everyone = mine
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[list[ParityRow] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
-        # Tensor/pipeline ranks of one data-parallel rank report the same rows: keep one each.
+        # Tensor-parallel ranks of one pipeline's last stage report the same rows: keep one each.
         unique = {(r.id, r.side): r for part in gathered for r in (part or [])}
         everyone = list(unique.values())
     report = ParityReport(everyone, atol, per_token=not length_norm)
