@@ -45,17 +45,23 @@ def main(cfg: DictConfig) -> None:
         # A configuration mistake: say which key, without a traceback through Hydra.
         print(f"configuration error: {error}", file=sys.stderr)
         sys.exit(2)
+    from nemo_infifpo.data.errors import exit_on_input_error
     from nemo_infifpo.locking import OutputLockedError
     from nemo_infifpo.training.checkpoint import CheckpointCorruptError
+    from nemo_infifpo.training.dataset import FingerprintMismatchError
     from nemo_infifpo.training.loop import train
+    from nemo_infifpo.training.parity import Step0ParityError
 
-    try:
-        train(config, signals=STOP_SIGNALS)
-    except (ConfigError, OutputLockedError, CheckpointCorruptError) as error:
-        # Refusals that need a person (a changed config on resume, a second run, damaged
-        # checkpoints): one clear message, no traceback.
-        print(f"training refused: {error}", file=sys.stderr)
-        sys.exit(2)
+    # Bad data or templates (too many invalid rows, another tokenizer than scoring's, a step-0
+    # mismatch): "error: train: <message>", exit 1, no traceback.
+    with exit_on_input_error(FingerprintMismatchError, Step0ParityError, stage="train"):
+        try:
+            train(config, signals=STOP_SIGNALS)
+        except (ConfigError, OutputLockedError, CheckpointCorruptError) as error:
+            # Refusals that need a person (a changed config on resume, a second run, damaged
+            # checkpoints): one clear message, exit 2.
+            print(f"training refused: {error}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":  # required: checkpoint saving re-imports __main__ in a helper process

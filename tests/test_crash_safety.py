@@ -359,3 +359,40 @@ def test_stop_signals_install_before_heavy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- docs/BAD_INPUTS.md
+
+# The train/export rows of the bad-input table and the tests that reproduce them.
+TRAINING_CASES = {
+    "invalid_row_for_pivot_template": "test_training_units.py::test_training_leaves_out_rows_the_pivot_template_cannot_encode",
+    "too_many_invalid_rows_in_training": "test_training_units.py::test_training_stops_above_the_excluded_fraction_or_under_fail",
+    "scored_in_another_dtype": "test_training_units.py::test_a_pivot_scored_in_another_dtype_is_named_before_any_model_is_built",
+    "scored_at_another_layout_bf16": "test_training_units.py::test_in_bf16_the_scoring_layout_and_back_end_must_match",
+    "scored_with_another_template": "test_training_e2e.py::test_wrong_template_fails_fingerprint_check_first",
+    "step0_mismatch": "test_training_e2e.py::test_wrong_template_fails_step0_parity",
+    "bf16_on_cpu": "test_training_e2e.py::test_bf16_on_cpu_is_refused",
+    "allow_changes_unknown_key": "test_crash_safety.py::test_allow_changes_is_validated",
+    "resume_with_changed_config": "test_crash_safety_e2e.py::test_a_changed_config_is_refused_on_resume_and_allowed_explicitly",
+    "second_run_into_output_dir": "test_crash_safety_e2e.py::test_two_runs_into_one_output_dir",
+    "damaged_newest_checkpoint": "test_crash_safety_e2e.py::test_a_flipped_byte_is_detected_and_resume_falls_back",
+    "every_checkpoint_damaged": "test_crash_safety_e2e.py::test_every_checkpoint_damaged_is_refused_not_restarted",
+    "torn_metrics_line": "test_crash_safety.py::test_a_torn_last_metrics_line_is_repaired_on_resume",
+    "damaged_metrics_line": "test_crash_safety.py::test_a_damaged_metrics_line_in_the_middle_names_file_and_line",
+    "stop_signal_during_startup": "test_crash_safety_e2e.py::test_a_stop_signal_during_startup_exits_cleanly",
+    "export_damaged_checkpoint": "test_crash_safety_e2e.py::test_export_refuses_a_damaged_checkpoint_and_a_locked_output",
+    "export_into_locked_output": "test_crash_safety_e2e.py::test_export_refuses_a_damaged_checkpoint_and_a_locked_output",
+}
+
+
+def test_training_rows_of_the_bad_input_table_have_their_tests():
+    import ast
+
+    table = (REPO / "docs" / "BAD_INPUTS.md").read_text()
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| `")]
+    ours = {cells[0].strip().strip("`") for cells in rows if cells[2].strip() in ("train", "export")}
+    assert ours == set(TRAINING_CASES)
+    for case, node in TRAINING_CASES.items():
+        file, name = node.split("::")
+        tree = ast.parse((REPO / "tests" / file).read_text())
+        assert name in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}, (case, node)

@@ -4,6 +4,7 @@ objective reduction, signals, checkpoint discovery, metrics."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -380,3 +381,52 @@ def test_the_loss_path_never_reads_values_back_to_the_host(loss):
     loss_sum, count, stats = objective(sums, counts, pairs, scores)
     loss_sum.backward()
     assert stats.shape == (len(objective.stat_names),) and count.device == meta
+
+
+# --------------------------------------------------------------------------- row policy in training
+
+
+def _sft_rows_file(tmp_path, n_rows: int, n_system: int):
+    rows = []
+    for i in range(n_rows):
+        prompt = [{"role": "user", "content": f"Say {i}."}]
+        if i < n_system:  # the template below drops a system message: these rows cannot be encoded
+            prompt = [{"role": "system", "content": "Be brief."}, *prompt]
+        rows.append({"id": f"r{i:03d}", "prompt": prompt, "chosen": f"{i}.", "rejected": f"{i + 1}."})
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _sft_config(tmp_path, data_path, **data):
+    from nemo_infifpo.testing.chat_templates import SYSTEM_IF_LAST_USER
+    from nemo_infifpo.testing.tokenizers import chatml_tokenizer, save_tokenizer
+    from nemo_infifpo.training.config import parse_config
+
+    tokenizer_dir = save_tokenizer(chatml_tokenizer(), tmp_path / "tok")
+    return parse_config({
+        "model": {"path": str(tmp_path / "unused")}, "output_dir": str(tmp_path / "out"), "loss": {"type": "sft"},
+        "tokenizer": {"path": str(tokenizer_dir), "chat_template": SYSTEM_IF_LAST_USER},
+        "data": {"path": str(data_path), "max_length": 500, **data},
+    })
+
+
+def test_training_leaves_out_rows_the_pivot_template_cannot_encode(tmp_path, caplog):
+    from nemo_infifpo.training.dataset import load_training_data
+
+    config = _sft_config(tmp_path, _sft_rows_file(tmp_path, 100, 1))
+    with caplog.at_level(logging.WARNING):
+        data = load_training_data(config)
+    assert len(data) == 99 and "r000" not in data.ids
+    assert "1 of 100 rows cannot be encoded" in caplog.text and "system message" in caplog.text
+
+
+def test_training_stops_above_the_excluded_fraction_or_under_fail(tmp_path):
+    from nemo_infifpo.data.policy import TooManyExcludedRows
+    from nemo_infifpo.data.templates import TemplateError
+    from nemo_infifpo.training.dataset import load_training_data
+
+    with pytest.raises(TooManyExcludedRows, match=r"2 of 100 rows are invalid \(stage train, model pivot"):
+        load_training_data(_sft_config(tmp_path, _sft_rows_file(tmp_path, 100, 2)))
+    with pytest.raises(TemplateError, match="dropped the system message"):
+        load_training_data(_sft_config(tmp_path, _sft_rows_file(tmp_path, 100, 1), on_invalid_row="fail"))

@@ -21,6 +21,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
 
+# One ConfigError for every stage (an InputError: reported as one line, without a traceback).
+from nemo_infifpo.data.errors import ConfigError
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -43,10 +46,10 @@ LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 Fusion = Literal["max_margin", "mean", "confidence"]
 Precision = Literal["bf16", "fp32"]
 Recompute = Literal["none", "selective", "full"]
+Boundary = Literal["conversation", "generation"]
+InvalidRowAction = Literal["exclude", "fail"]
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names the key."""
 
 
 # --------------------------------------------------------------------------- sections
@@ -89,6 +92,13 @@ class TokenizerConfig:
     path: Optional[str] = None
     # None: the tokenizer's template; or a built-in name, Jinja text, or a .jinja file.
     chat_template: Optional[str] = None
+    # Extra template variables for every render (e.g. {enable_thinking: false}).
+    chat_template_kwargs: Optional[dict] = None
+    # conversation: response tokens = full render minus prompt render; generation: the
+    # generation prompt + response text + end-of-turn marker (reasoning templates).
+    boundary: Boundary = "conversation"
+    # The date a clock-reading template sees (YYYY-MM-DD); None: the package default.
+    template_date: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,10 @@ class DataConfig:
     check_fingerprint: bool = True
     # Sequences are padded to a multiple of this (tensor cores; sequence parallel needs TP | S).
     pad_to_multiple_of: int = 8
+    # A row the pivot's template cannot encode: leave it out (recorded) or stop the run.
+    on_invalid_row: InvalidRowAction = "exclude"
+    # Fail when more than this fraction of the rows is invalid.
+    max_excluded_fraction: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -294,6 +308,10 @@ def _convert(annotation: Any, value: Any, key: str) -> Any:
                 + ", ".join(repr(v) for v in allowed)
             )
         return value
+    if annotation is dict:  # a free-form mapping (template variables)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {_type_name(value)} {value!r}")
+        return dict(value)
     if origin is tuple:  # tuple[X, ...]: a YAML list (or Hydra's [a,b]) of X
         (inner, _) = get_args(annotation)
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
@@ -372,6 +390,9 @@ def _check_values(c: TrainConfig) -> None:
         f"({m.global_batch_size}) must be a multiple of model.micro_batch_size ({m.micro_batch_size})",
     )
     _require(d.max_length >= 2, "data.max_length", f"must be >= 2, got {d.max_length}")
+    _require(
+        0 <= d.max_excluded_fraction <= 1, "data.max_excluded_fraction", f"must be in [0, 1], got {d.max_excluded_fraction}"
+    )
     if m.ddp_bucket_size is not None:
         _require(m.ddp_bucket_size >= 1, "model.ddp_bucket_size", f"must be >= 1 or null, got {m.ddp_bucket_size}")
     if d.pack_length is not None:

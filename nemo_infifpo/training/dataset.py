@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_infifpo.data.rows import PreferenceRow, load_preference_rows
+from nemo_infifpo.data.policy import ExclusionLog, RowExclusion, RowPolicy
+from nemo_infifpo.data.rows import PreferenceRow, read_preference_rows
 from nemo_infifpo.data.templates import ExcludedRow, ResponseTokenizer, TokenizedPair, load_tokenizer
 from nemo_infifpo.training.config import ConfigError, TrainConfig
 
@@ -103,9 +104,28 @@ def _read(config: TrainConfig):
                 f"data.path={str(path)!r} is not a scored training set ({error}); loss.type="
                 f"{config.loss.type!r} needs one (recipes/score.py + recipes/merge_scores.py)"
             ) from None
-        # SFT only needs prompt and chosen response: any preference file will do.
-        return load_preference_rows(path), None
+        # SFT only needs prompt and chosen response: any preference file will do, read under
+        # the row policy like every stage's input.
+        read = read_preference_rows(path, policy=_policy(config), stage="train")
+        return read.rows, None
     return scored.rows(), scored
+
+
+def _policy(config: TrainConfig) -> RowPolicy:
+    return RowPolicy(config.data.on_invalid_row, config.data.max_excluded_fraction)
+
+
+def response_tokenizer(config: TrainConfig) -> ResponseTokenizer:
+    """The pivot's ResponseTokenizer, rendering exactly as the pivot's scoring did (template,
+    template variables, boundary mode, pinned date: all part of the fingerprint)."""
+    tokenizer_dir = pivot_tokenizer_dir(config)
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(f"pivot tokenizer directory not found: {tokenizer_dir} (set tokenizer.path)")
+    t = config.tokenizer
+    return ResponseTokenizer(
+        load_tokenizer(tokenizer_dir), t.chat_template, config.data.max_length,
+        template_kwargs=t.chat_template_kwargs, boundary=t.boundary, template_date=t.template_date,
+    )
 
 
 def _check_fingerprint(config: TrainConfig, scored, tokenizer: ResponseTokenizer) -> None:
@@ -120,9 +140,18 @@ def _check_fingerprint(config: TrainConfig, scored, tokenizer: ResponseTokenizer
             f"fingerprint {stored[:12]}… (chat template {pivot.get('chat_template')!r}, model "
             f"{pivot.get('model_path')!r}), but the configured pivot tokenizer "
             f"({pivot_tokenizer_dir(config)}, template {tokenizer.template_name!r}) has "
-            f"{ours[:12]}…: set tokenizer.path / tokenizer.chat_template to those used for "
+            f"{ours[:12]}…{_template_differences(pivot.get('template') or {}, tokenizer)}: set "
+            "tokenizer.path / tokenizer.chat_template (and the template settings) to those used for "
             "scoring, or rescore (data.check_fingerprint=false skips this check)"
         )
+
+
+def _template_differences(scored: dict, tokenizer: ResponseTokenizer) -> str:
+    """The template settings scoring recorded that differ from training's, as keys to set."""
+    ours = {"boundary": tokenizer.boundary, "kwargs": dict(tokenizer.template_kwargs), "template_date": tokenizer.template_date}
+    keys = {"boundary": "tokenizer.boundary", "kwargs": "tokenizer.chat_template_kwargs", "template_date": "tokenizer.template_date"}
+    differing = [f"{keys[k]}={scored[k]!r} (now {ours[k]!r})" for k in keys if k in scored and scored[k] != ours[k]]
+    return f"; scoring used {', '.join(differing)}" if differing else ""
 
 
 _PRECISION_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
@@ -171,41 +200,54 @@ def check_scoring_setup(config: TrainConfig, pivot: dict) -> None:
     log.warning("%s", text)
 
 
-def _measure_lengths(tokenizer: ResponseTokenizer, rows: list[PreferenceRow]) -> torch.Tensor:
-    """[N, 2] sequence lengths; each rank tokenizes every world_size-th row, then all share."""
+def _measure_lengths(
+    tokenizer: ResponseTokenizer, rows: list[PreferenceRow], policy: RowPolicy
+) -> tuple[torch.Tensor, list[RowExclusion]]:
+    """[N, 2] sequence lengths (0 for rows the template cannot encode, which are recorded under
+    the row policy); each rank tokenizes every world_size-th row, then all share."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
+    log = ExclusionLog(policy, stage="train", model="pivot")
     mine = []
     for i in range(rank, len(rows), world):
-        pair = tokenizer.encode_pair(rows[i])
-        mine.append((i, len(pair.chosen), len(pair.rejected)))
+        pair = tokenizer.try_encode(rows[i], log)
+        if pair is not None:
+            mine.append((i, len(pair.chosen), len(pair.rejected)))
+    invalid = log.entries
     if world > 1:
-        gathered: list[list[tuple[int, int, int]] | None] = [None] * world
-        dist.all_gather_object(gathered, mine)
-        mine = [item for part in gathered for item in (part or [])]
+        gathered: list[tuple[list, list] | None] = [None] * world
+        dist.all_gather_object(gathered, (mine, invalid))
+        mine = [item for part in gathered for item in (part[0] if part else [])]
+        invalid = [entry for part in gathered for entry in (part[1] if part else [])]
     lengths = torch.zeros(len(rows), 2, dtype=torch.long)
     for i, chosen, rejected in mine:
         lengths[i, 0], lengths[i, 1] = chosen, rejected
-    return lengths
+    return lengths, invalid
 
 
 def load_training_data(config: TrainConfig) -> TrainingData:
     """Read, check and measure the training data. Collective over all ranks."""
-    tokenizer_dir = pivot_tokenizer_dir(config)
-    if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"pivot tokenizer directory not found: {tokenizer_dir} (set tokenizer.path)")
-    tokenizer = ResponseTokenizer(load_tokenizer(tokenizer_dir), config.tokenizer.chat_template, config.data.max_length)
+    tokenizer = response_tokenizer(config)
     rows, scored = _read(config)
     if scored is not None:
         _check_fingerprint(config, scored, tokenizer)
         check_scoring_setup(config, (scored.metadata or {}).get("pivot") or {})
 
-    lengths = _measure_lengths(tokenizer, rows)
+    policy = _policy(config)
+    lengths, invalid = _measure_lengths(tokenizer, rows, policy)
+    if invalid:
+        # The same decision on every rank (all of them hold every rank's exclusions).
+        ExclusionLog(policy, stage="train", model="pivot", entries=invalid).check(len(rows))
+        log.warning(
+            "%d of %d rows cannot be encoded with the pivot's template and are left out (first: %s)",
+            len(invalid), len(rows), invalid[0].detail,
+        )
+    unusable = lengths.min(dim=1).values == 0
     if config.loss.type == "sft":
         too_long = lengths[:, 0] > config.data.max_length
     else:
         too_long = lengths.max(dim=1).values > config.data.max_length
-    keep = torch.nonzero(~too_long).flatten()
+    keep = torch.nonzero(~too_long & ~unusable).flatten()
     excluded = [
         ExcludedRow(
             id=rows[i].id,
