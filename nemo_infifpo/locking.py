@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from nemo_infifpo.data.errors import InputError
+
 __all__ = ["LockHolder", "OutputLock", "OutputLockedError", "lock_on_rank0", "sibling_lock_path"]
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,9 @@ STALE_AFTER_ENV = "NEMO_INFIFPO_LOCK_STALE_S"
 DEFAULT_STALE_AFTER_S = 600.0
 
 
-class OutputLockedError(RuntimeError):
-    """Another run holds the lock on this output."""
+class OutputLockedError(InputError):
+    """Another run holds the lock on this output (its message names the holder: reported as
+    one line, without a traceback, like other problems a user has to resolve)."""
 
 
 def _process_start_time(pid: int) -> str | None:

@@ -168,3 +168,64 @@ def test_rerun_with_other_inputs_is_refused(assets: SimpleNamespace) -> None:
     # The same inputs resume (nothing left to compute).
     summary = run_scoring(_config(assets, output, shard_count=2))
     assert summary.shards_skipped == [0, 1] and summary.shards_computed == []
+
+
+# --------------------------------------------------------------------------- locks and leftovers
+
+
+def test_a_shard_another_job_is_computing_is_refused_and_stale_temporaries_go(assets: SimpleNamespace) -> None:
+    """A duplicate array task must not compute a shard another live job holds; once that job
+    is gone, the shard is computed and temporaries of killed writes are removed."""
+    import os
+
+    from nemo_infifpo.locking import OutputLock, OutputLockedError
+
+    output = assets.root / "locked"
+    output.mkdir()
+    stale = output / ".shard-00001-of-00002.parquet.abc123.tmp"
+    stale.write_bytes(b"half a parquet file")
+    holder = OutputLock(output / ".lock.shard-00001-of-00002", stage="scoring").acquire()
+    try:
+        with pytest.raises(OutputLockedError, match=rf"shard-00001-of-00002.parquet is in use by the scoring run of process {os.getpid()}"):
+            run_scoring(_config(assets, output, shard_count=2))
+        assert not (output / "shard-00000-of-00002.json").exists()  # all or nothing: no shard computed
+    finally:
+        holder.release()
+    summary = run_scoring(_config(assets, output, shard_count=2))
+    assert summary.shards_computed == [0, 1] and not stale.exists()
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []  # no lock or temporary left
+
+
+_MANIFEST_RACE = r"""
+import sys, time
+from nemo_infifpo.scoring.manifest import ScoringIdentity, ScoringMismatchError, check_or_create_manifest
+identity = ScoringIdentity("m", "t", sys.argv[3], 100, "float32", "hf", 2)
+while time.time() < float(sys.argv[2]):
+    pass
+try:
+    check_or_create_manifest(sys.argv[1], identity, {}, create=True)
+    print("created-or-matched")
+except ScoringMismatchError:
+    print("refused")
+"""
+
+
+def test_jobs_with_different_inputs_starting_together_cannot_both_claim_a_directory(tmp_path: Path) -> None:
+    start = str(time.time() + 3)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _MANIFEST_RACE, str(tmp_path), start, f"data-{i}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        for i in range(4)
+    ]
+    outcomes = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert sorted(outcomes) == ["created-or-matched"] + ["refused"] * 3, outcomes
+
+
+def test_a_second_merge_into_the_same_file_is_refused(tmp_path: Path) -> None:
+    from nemo_infifpo.locking import OutputLock, OutputLockedError, sibling_lock_path
+
+    output = tmp_path / "train.scored.parquet"
+    with OutputLock(sibling_lock_path(output), stage="merge"):
+        with pytest.raises(OutputLockedError, match="train.scored.parquet is in use by the merge run"):
+            merge_scores(tmp_path / "data.jsonl", tmp_path / "pivot", [], output)
+    assert not output.exists()

@@ -40,6 +40,7 @@ from nemo_infifpo.data.templates import (
     TokenizedSequence,
     load_tokenizer,
 )
+from nemo_infifpo.locking import OutputLockedError
 from nemo_infifpo.scoring.backends import (
     BACKENDS,
     DTYPES,
@@ -57,6 +58,7 @@ from nemo_infifpo.scoring.manifest import (
 )
 from nemo_infifpo.scoring.shards import (
     ShardScores,
+    lock_shards,
     refresh_manifest,
     shard_is_complete,
     shard_name,
@@ -377,13 +379,26 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
         micro_batch_size=config.micro_batch_size,
         hf_logits=config.hf_logits,
     )
+    locks: list[Any] = []
     try:
-        # Every rank looked at the directory on its own; another job (an array task) may have
-        # finished a shard in between. Rank 0's view decides, or the ranks would diverge.
-        pending = backend.world.from_writer(pending)
+        # One job per shard: the writer locks the pending shards, then looks again (another
+        # job, e.g. a duplicate array task, may have finished one in between). Its view
+        # decides for every rank, or the ranks would diverge.
+        refused = ""
+        if backend.world.is_writer:
+            try:
+                locks = lock_shards(output_dir, pending, config.shard_count)
+                pending = [i for i in pending if shard_is_complete(output_dir, i, config.shard_count, identity) is not None]
+            except OutputLockedError as error:
+                refused = str(error)
+        refused, pending = backend.world.from_writer((refused, pending))
+        if refused:
+            raise OutputLockedError(refused)
         for index in pending:
             _score_shard(config, backend, tokenizer, identity, index, shards[index], summary)
     finally:
+        for lock in locks:
+            lock.release()
         backend.close()
     summary.seconds = time.perf_counter() - started
     log.info(

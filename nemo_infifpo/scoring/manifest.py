@@ -24,9 +24,10 @@ while reading the data (``read_excluded``). Parallel sizes, batch sizes and the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from nemo_infifpo.data.scored_set import canonical_json
 
 __all__ = [
     "MANIFEST_NAME",
+    "manifest_lock",
     "MANIFEST_VERSION",
     "ScoringIdentity",
     "ScoringMismatchError",
@@ -48,6 +50,8 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
+MANIFEST_LOCK_NAME = ".lock.manifest"
+MANIFEST_LOCK_WAIT_S = 120.0
 MANIFEST_VERSION = 1
 
 # Files that belong to the tokenizer (covered by the tokenizer fingerprint), so fixing a chat
@@ -194,6 +198,34 @@ def check_or_create_manifest(
     none and ``create`` is set (one writer per job). Raises :class:`ScoringMismatchError` on
     any difference."""
     output_dir = Path(output_dir)
+    if create:
+        # Array tasks start together: reading "no manifest" and writing one must be a single
+        # step, or a task with other inputs could overwrite the first task's manifest.
+        with manifest_lock(output_dir):
+            return _check_or_create(output_dir, identity, info, create=True)
+    return _check_or_create(output_dir, identity, info, create=False)
+
+
+@contextlib.contextmanager
+def manifest_lock(output_dir: str | Path) -> Iterator[None]:
+    """Serialise the read-modify-write of a scoring directory's manifest between jobs (held for
+    milliseconds; a job waits for it, and a lock of a killed job is taken over)."""
+    from nemo_infifpo.atomic import remove_stale_temporaries
+    from nemo_infifpo.locking import OutputLock
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(output_dir / MANIFEST_LOCK_NAME, stage="scoring manifest update").acquire(wait_s=MANIFEST_LOCK_WAIT_S)
+    try:
+        remove_stale_temporaries(output_dir / MANIFEST_NAME)
+        yield
+    finally:
+        lock.release()
+
+
+def _check_or_create(
+    output_dir: Path, identity: ScoringIdentity, info: Mapping[str, Any], *, create: bool
+) -> dict[str, Any]:
     existing = read_manifest(output_dir)
     if existing is not None:
         recorded = ScoringIdentity.from_dict(existing["identity"])

@@ -32,6 +32,7 @@ from nemo_infifpo.data.errors import InputError
 from nemo_infifpo.data.policy import MAX_LENGTH_REASON, RowExclusion, RowPolicy, check_fraction, summarize_exclusions
 from nemo_infifpo.data.rows import PreferenceRow, read_preference_rows
 from nemo_infifpo.data.scored_set import ModelScores, read_scored_set, write_scored_set
+from nemo_infifpo.locking import OutputLock, sibling_lock_path
 from nemo_infifpo.scoring.manifest import (
     MANIFEST_NAME,
     ScoringIdentity,
@@ -207,6 +208,20 @@ def merge_scores(
     if PIVOT in names:
         raise MergeError(f"{PIVOT!r} is reserved for the pivot; rename that source")
 
+    # One merge per output file: two merges into one path would interleave their writes.
+    with OutputLock(sibling_lock_path(output_path), stage="merge", output=output_path):
+        return _merge(data_path, pivot_dir, source_dirs, names, output_path, data_split, policy)
+
+
+def _merge(
+    data_path: str | Path,
+    pivot_dir: str | Path,
+    source_dirs: list[Path],
+    names: list[str],
+    output_path: Path,
+    data_split: str | None,
+    policy: RowPolicy,
+) -> dict[str, Any]:
     read = read_preference_rows(data_path, split=data_split, policy=policy)
     rows = read.rows
     data_fp = dataset_fingerprint(rows)

@@ -28,12 +28,16 @@ from typing import Any
 
 import numpy as np
 
+from nemo_infifpo.atomic import remove_stale_temporaries
+from nemo_infifpo.locking import OutputLock, OutputLockedError
+
 from nemo_infifpo.data.policy import MAX_LENGTH_REASON, RowExclusion
 from nemo_infifpo.data.rows import PreferenceRow
 from nemo_infifpo.data.scored_set import write_parquet_atomic
 from nemo_infifpo.data.templates import ExcludedRow
 from nemo_infifpo.scoring.manifest import (
     MANIFEST_NAME,
+    manifest_lock,
     ScoringIdentity,
     read_manifest,
     write_json_atomic,
@@ -41,6 +45,7 @@ from nemo_infifpo.scoring.manifest import (
 
 __all__ = [
     "SHARD_COLUMNS",
+    "lock_shards",
     "ShardResult",
     "ShardScores",
     "read_shard_scores",
@@ -108,6 +113,24 @@ def _paths(output_dir: Path, index: int, count: int) -> tuple[Path, Path]:
     return output_dir / f"{stem}.parquet", output_dir / f"{stem}.json"
 
 
+def lock_shards(output_dir: str | Path, indices: Sequence[int], count: int) -> list[OutputLock]:
+    """Lock shards ``indices`` of ``output_dir`` for this job (all or none): two jobs never
+    compute the same shard into one directory (a resubmitted array task while the first one
+    still runs). Raises :class:`OutputLockedError` naming the holder."""
+    output_dir = Path(output_dir)
+    locks: list[OutputLock] = []
+    try:
+        for index in indices:
+            name = shard_name(index, count)
+            path = output_dir / f".lock.{name}"
+            locks.append(OutputLock(path, stage="scoring", output=output_dir / f"{name}.parquet").acquire())
+    except OutputLockedError:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -132,6 +155,10 @@ def write_shard(
 
     output_dir = Path(output_dir)
     parquet_path, sidecar_path = _paths(output_dir, index, count)
+    # The caller holds this shard's lock (lock_shards): temporaries of these files are left
+    # over from killed writes, never another writer's.
+    for path in (parquet_path, sidecar_path):
+        remove_stale_temporaries(path)
     table = pa.table(
         {
             "id": pa.array(scores.ids, type=pa.string()),
@@ -265,10 +292,15 @@ def refresh_manifest(output_dir: str | Path) -> dict[str, Any] | None:
     """Rewrite the manifest's per-shard summary (rows, status) from the sidecars.
 
     The sidecars are authoritative; this summary is for people and scripts that want one file
-    to look at. Concurrent array tasks may each rewrite it; every rewrite reads all sidecars,
-    so the last one is at least as current as any before it.
+    to look at. Concurrent array tasks take turns (the manifest lock), and every rewrite reads
+    all sidecars, so the last one is at least as current as any before it.
     """
     output_dir = Path(output_dir)
+    with manifest_lock(output_dir):
+        return _refresh_manifest(output_dir)
+
+
+def _refresh_manifest(output_dir: Path) -> dict[str, Any] | None:
     manifest = read_manifest(output_dir)
     if manifest is None:
         return None
