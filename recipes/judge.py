@@ -1,0 +1,41 @@
+"""Score every candidate answer of every model (Hydra app; see configs/judge.yaml).
+
+    python recipes/judge.py data.path=prompts.jsonl generation_dirs=[gen/pivot,gen/qwen] \
+        judge.type=reward_model judge.model_path=/models/Skywork-Reward output_dir=judge
+    torchrun --nproc_per_node=8 recipes/judge.py ...          (ranks share the reward model's batches)
+
+The work itself is :func:`nemo_infifpo.generation.judging.run_judge`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+@hydra.main(config_path="../configs", config_name="judge", version_base=None)
+def main(cfg: DictConfig) -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    import torch.distributed as dist
+
+    from nemo_infifpo.data.errors import exit_on_input_error
+    from nemo_infifpo.generation.judging import JudgeConfig, run_judge
+    from nemo_infifpo.generation.outputs import OutputMismatchError
+    from nemo_infifpo.locking import OutputLockedError
+
+    with exit_on_input_error(OutputMismatchError, OutputLockedError, stage="judge"):
+        try:
+            run_judge(JudgeConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True)))  # type: ignore[arg-type]
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
