@@ -56,6 +56,7 @@ class JudgeConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     template_date: str | None = None
     max_length: int | None = None
+    max_failed_fraction: float = 0.05
     data_split: str | None = None
     on_invalid_row: str = "exclude"
     max_excluded_fraction: float = 0.01
@@ -83,6 +84,7 @@ class JudgeConfig:
             chat_template_kwargs=o.mapping("judge.chat_template_kwargs"),
             template_date=o.string("judge.template_date"),
             max_length=o.integer("judge.max_length"),
+            max_failed_fraction=o.number("judge.max_failed_fraction", 0.05),  # type: ignore[arg-type]
             on_invalid_row=policy.on_invalid_row,
             max_excluded_fraction=policy.max_excluded_fraction,
             dtype=str(o.get("dtype", "bfloat16")),
@@ -109,6 +111,16 @@ class JudgeConfig:
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"judge.max_length must be >= 2 (or null), got {self.max_length}")
         self.policy
+        self.answer_policy
+
+    @property
+    def answer_policy(self) -> RowPolicy:
+        """For answers the judge cannot score: ``judge.max_failed_fraction`` of a shard's answers
+        may go (a few odd answers); more means a broken judge, which stops the shard."""
+        try:
+            return RowPolicy(self.on_invalid_row, self.max_failed_fraction)
+        except ConfigError:
+            raise ConfigError(f"judge.max_failed_fraction must be a number in [0, 1], got {self.max_failed_fraction!r}") from None
 
 
 @dataclass
@@ -276,7 +288,7 @@ def _judge_shard(config: JudgeConfig, judge: Any, world: Any, rows: list[PromptR
         judgements = [j for row, record in flat for j in judge.judge(row.to_record(), [record["text"]])]
     else:
         judgements = _reward_model_judgements(config, judge, world, flat)
-    log_ = ExclusionLog(config.policy, stage="judge")
+    log_ = ExclusionLog(config.answer_policy, stage="judge")
     records = []
     for (row, record), judgement in zip(flat, judgements, strict=True):
         if judgement.score is None:
