@@ -396,7 +396,7 @@ def bench_infifpo(args: argparse.Namespace, peak: float | None) -> dict[str, Any
     from nemo_infifpo.models.parallel import ParallelLayout, padded_vocab_size
     from nemo_infifpo.models.registry import describe_hf_config
     from nemo_infifpo.testing.models import tiny_hf_config
-    from nemo_infifpo.training.batches import pack_micro_batches
+    from nemo_infifpo.engine.batches import pack_micro_batches
     from nemo_infifpo.training.config import parse_config
     from nemo_infifpo.training.loop import train_step
     from nemo_infifpo.training.metrics import training_flops

@@ -257,19 +257,31 @@ def token_logprobs_from_hidden(
 
 
 def sequence_logprob_sums(
-    token_logps: torch.Tensor, loss_mask: torch.Tensor
+    token_logps: torch.Tensor,
+    loss_mask: torch.Tensor,
+    sequence_index: torch.Tensor | None = None,
+    num_sequences: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of token log-probs over ``loss_mask`` and the number of tokens counted.
 
-    ``token_logps`` ``[B, S]`` and ``loss_mask`` ``[B, S]`` (bool or 0/1) → (float32 ``[B]``,
-    int64 ``[B]``). Masked positions contribute exactly 0 even if their value is -inf/nan.
+    Padded layout (one sequence per row): ``token_logps`` ``[B, S]`` and ``loss_mask``
+    ``[B, S]`` (bool or 0/1) -> (float32 ``[B]``, int64 ``[B]``). Packed layout (several
+    sequences per row): ``sequence_index`` ``[B, S]`` names the sequence (``0 ..
+    num_sequences-1``) of every position, and each masked value is added into its sequence's
+    slot. Masked positions contribute exactly 0 even if their value is -inf/nan. No host
+    synchronisation (this runs once per micro-batch of the pipeline schedule).
     """
     if token_logps.shape != loss_mask.shape:
         raise ValueError(f"shapes differ: {tuple(token_logps.shape)} vs {tuple(loss_mask.shape)}")
     mask = loss_mask.bool()
-    values = token_logps.float()
-    sums = torch.where(mask, values, torch.zeros_like(values)).sum(dim=-1)
-    return sums, mask.sum(dim=-1, dtype=torch.int64)
+    values = torch.where(mask, token_logps.float(), torch.zeros((), dtype=torch.float32, device=token_logps.device))
+    if sequence_index is None or num_sequences is None or num_sequences == token_logps.shape[0]:
+        return values.sum(dim=-1), mask.sum(dim=-1, dtype=torch.int64)
+    flat_mask = mask.flatten()
+    index = torch.where(flat_mask, sequence_index.flatten(), torch.zeros_like(sequence_index.flatten()))
+    sums = values.new_zeros(num_sequences).index_add(0, index, values.flatten())
+    counts = torch.zeros(num_sequences, dtype=torch.int64, device=values.device).index_add(0, index, flat_mask.long())
+    return sums, counts
 
 
 def shift_for_next_token(

@@ -14,9 +14,10 @@ import torch
 
 from nemo_infifpo.data.templates import TokenizedPair, TokenizedSequence
 from nemo_infifpo.loss import dpo_loss, infifpo_loss, sequence_scores
-from nemo_infifpo.training.batches import first_fit_decreasing, pack_micro_batches, pad_micro_batches
+from nemo_infifpo.engine.batches import first_fit_decreasing, pack_micro_batches, pad_micro_batches
 from nemo_infifpo.training.config import LossConfig
-from nemo_infifpo.training.objective import Objective, per_sequence_logprobs
+from nemo_infifpo.logprobs import sequence_logprob_sums
+from nemo_infifpo.training.objective import Objective
 from nemo_infifpo.training.sampler import BatchPlan
 from nemo_infifpo.training.schedule import CosineSchedule
 from nemo_infifpo.training.signals import StopSignals, stop_signals_deferred
@@ -112,7 +113,7 @@ def test_packed_micro_batch_keeps_pairs_together_with_block_diagonal_attention()
     values = {}
     for b in [padded, *batches]:
         token_logps = torch.sin(b.labels.double() + 0.1 * b.position_ids)  # a function of (token, position)
-        sums, counts = per_sequence_logprobs(token_logps, b.loss_mask, b.sequence_index, b.num_sequences)
+        sums, counts = sequence_logprob_sums(token_logps, b.loss_mask, b.sequence_index, b.num_sequences)
         for k, row in enumerate(b.row_indices):
             values.setdefault(row, []).append((float(sums[k]), float(sums[b.num_pairs + k]), int(counts[k])))
     for row, (first_layout, second_layout) in values.items():
@@ -361,9 +362,9 @@ def test_the_loss_path_never_reads_values_back_to_the_host(loss):
     """The per-micro-batch path (vocab-parallel log-probs -> per-sequence sums -> objective ->
     backward) runs on meta tensors, which have no values: any host synchronisation (.item(),
     bool(), float() of a tensor) would raise. On a GPU each such read stalls the 1F1B schedule."""
-    from nemo_infifpo.logprobs import vocab_parallel_token_logprobs
+    from nemo_infifpo.logprobs import sequence_logprob_sums, vocab_parallel_token_logprobs
     from nemo_infifpo.training.config import LossConfig
-    from nemo_infifpo.training.objective import Objective, per_sequence_logprobs
+    from nemo_infifpo.training.objective import Objective
 
     meta = torch.device("meta")
     objective = Objective(LossConfig(**loss), ("qwen", "llama"))
@@ -372,7 +373,7 @@ def test_the_loss_path_never_reads_values_back_to_the_host(loss):
     logits = torch.empty(sequences, 16, 50, device=meta, requires_grad=True)
     labels = torch.zeros(sequences, 16, dtype=torch.long, device=meta)
     token_logps = vocab_parallel_token_logprobs(logits, labels, vocab_size=48)
-    sums, counts = per_sequence_logprobs(
+    sums, counts = sequence_logprob_sums(
         token_logps, torch.ones(sequences, 16, dtype=torch.bool, device=meta),
         torch.zeros(sequences, 16, dtype=torch.long, device=meta), sequences,
     )

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from nemo_infifpo.training.batches import MicroBatch, pack_micro_batches, pad_micro_batches, padded_length
+from nemo_infifpo.engine.batches import MicroBatch, pack_micro_batches, pad_micro_batches, padded_length
 from nemo_infifpo.training.config import ConfigError, TrainConfig, config_to_dict
 
 __all__ = ["LOCK_FILE", "StepContext", "TrainResult", "train", "train_step"]
@@ -224,7 +224,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callable[[StepContext], None
             # Step 1's own micro-batches through the training forward (forward only).
             first = _micro_batches(config, data, plan.rank_share(0, info.dp_rank), pad_multiple=pad_multiple, te=te)
             report = check_step0_parity(
-                model, first, optimizer.model_chunks, forward_backward, data,
+                model, first, optimizer.model_chunks, data,
                 length_norm=config.loss.length_norm, atol=config.trainer.step0_parity_atol,
             )
             parity = report.max_abs_diff

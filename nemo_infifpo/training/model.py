@@ -6,8 +6,8 @@ checkpoint at any TP/PP) and the forward step that megatron's pipeline schedule 
 
     micro-batch (pairs: chosen + rejected together)
       -> GPTModel logits (this rank's vocabulary shard)
-      -> vocab-parallel token log-probs (nemo_infifpo.logprobs, shared with scoring)
-      -> per-sequence sums and token counts
+      -> vocab-parallel token log-probs -> per-sequence sums and token counts
+         (nemo_infifpo.engine.forward: the forward pass scoring and parity run too)
       -> Objective: sequence_scores -> infifpo_loss / dpo_loss / SFT, as [sum, count]
 
 The optimisation loop itself is :mod:`nemo_infifpo.training.loop` (megatron's schedules and
@@ -16,7 +16,6 @@ optimizers, not Lightning's), so the Lightning/ModelPT data hooks are not used.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -24,10 +23,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from nemo.core.classes import ModelPT
-from nemo_infifpo.logprobs import check_target_ids, vocab_parallel_token_logprobs
-from nemo_infifpo.training.batches import MicroBatch
+from nemo_infifpo.engine.batches import MicroBatch
+from nemo_infifpo.engine.forward import forward_step, sequence_logprobs
 from nemo_infifpo.training.config import TrainConfig, config_to_dict
-from nemo_infifpo.training.objective import Objective, per_sequence_logprobs
+from nemo_infifpo.training.objective import Objective
 
 __all__ = ["MegatronInfiFPOModel", "training_config_overrides"]
 
@@ -114,45 +113,16 @@ class MegatronInfiFPOModel(ModelPT):
         """Logits ``[b, s, V/TP]`` on the last pipeline stage, hidden states elsewhere."""
         return self.module(input_ids, position_ids, attention_mask, packed_seq_params=packed_seq_params)
 
-    def forward_step(
-        self, data_iterator: Iterator[MicroBatch], model: torch.nn.Module, *, scores_only: bool = False
-    ) -> tuple[torch.Tensor, Any]:
-        """megatron's ``forward_step_func``: run one micro-batch through ``model`` (this
-        rank's chunk as the schedule sees it, possibly DDP-wrapped).
-
-        Training uses the objective's loss; ``scores_only`` (with ``forward_only``) returns each
-        sequence's response log-prob sum and token count instead -- the step-0 parity check,
-        which must see exactly the forward pass training runs (packing, THD, layer spec,
-        dtype, micro-batching).
-        """
-        device = next(self.module.parameters()).device
-        batch = next(data_iterator)
-        check_target_ids(batch.labels, self.vocab_size, "the pivot's vocab_size")  # on the host: no GPU sync
-        batch = batch.to(device)
-        output = model(
-            batch.input_ids, batch.position_ids, batch.attention_mask, packed_seq_params=batch.packed_seq_params
-        )
-        return output, partial(self.scores_func if scores_only else self.loss_func, batch)
-
-    def sequence_logprobs(self, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sequence response log-prob sums (float32) and token counts of ``batch``."""
-        token_logps = vocab_parallel_token_logprobs(logits, batch.labels, vocab_size=self.vocab_size)
-        return per_sequence_logprobs(token_logps, batch.loss_mask, batch.sequence_index, batch.num_sequences)
+    def forward_step(self, data_iterator: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        """megatron's ``forward_step_func`` for training: the shared forward pass
+        (:func:`nemo_infifpo.engine.forward.forward_step`) with the objective as its head."""
+        return forward_step(data_iterator, model, vocab_size=self.vocab_size, head=self.loss_func)
 
     def loss_func(self, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Last-stage loss for the schedule: ``(loss_sum, count, {"stats": sums})``."""
-        sums, counts = self.sequence_logprobs(batch, logits)
+        sums, counts = sequence_logprobs(batch, logits, self.vocab_size)
         loss_sum, count, stats = self.objective(sums, counts, batch.num_pairs, batch.scores)
         return loss_sum, count, {"stats": stats}
-
-    def scores_func(self, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Last-stage output of a forward-only pass: the sequences' sums and counts, with the
-        data rows they belong to (chosen sequences first, then rejected, as in the loss)."""
-        sums, counts = self.sequence_logprobs(batch, logits)
-        nothing = torch.zeros((), dtype=torch.float32, device=sums.device)
-        return nothing, torch.zeros((), dtype=torch.int32, device=sums.device), {
-            "sums": sums.detach(), "counts": counts.detach(), "rows": batch.row_indices, "num_pairs": batch.num_pairs,
-        }
 
     def reduce_stats(self, losses_reduced: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Stats summed over micro-batches and data-parallel ranks, on every rank (collective)."""

@@ -161,25 +161,3 @@ class Objective:
         else:
             out.pop("clipped_fraction")
         return out
-
-
-def per_sequence_logprobs(
-    token_logps: torch.Tensor, loss_mask: torch.Tensor, sequence_index: torch.Tensor, num_sequences: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of the masked token log-probs and the number of tokens summed.
-
-    Padded layout (one sequence per row) reduces rows directly, exactly like scoring
-    (:func:`nemo_infifpo.logprobs.sequence_logprob_sums`); packed rows hold several sequences,
-    so their tokens are added into their sequence's slot.
-    """
-    from nemo_infifpo.logprobs import sequence_logprob_sums
-
-    if token_logps.shape[0] == num_sequences:
-        return sequence_logprob_sums(token_logps, loss_mask)
-    mask = loss_mask.bool().flatten()
-    values = torch.where(mask, token_logps.float().flatten(), torch.zeros((), device=token_logps.device))
-    index = torch.where(mask, sequence_index.flatten(), torch.zeros_like(sequence_index.flatten()))
-    sums = values.new_zeros(num_sequences).index_add(0, index, values)
-    counts = torch.zeros(num_sequences, dtype=torch.int64, device=values.device).index_add(0, index, mask.long())
-    return sums, counts
-

@@ -13,19 +13,21 @@ within ``atol``; without it they are sums over T tokens, whose rounding error gr
 
 The scores are recomputed by the training step itself, forward only: the same micro-batches
 (padding or packing, THD on Transformer Engine), the same model chunks, layer spec, dtype and
-forward step, with :meth:`MegatronInfiFPOModel.scores_func` in place of the loss. A bug in
-that path (e.g. packed sequences attending to each other) therefore fails the check.
+forward pass (:mod:`nemo_infifpo.engine.forward`), with per-sequence sums in place of the
+loss, in eval mode. A bug in that path (e.g. packed sequences attending to each other)
+therefore fails the check.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
 
+from nemo_infifpo.engine.forward import forward_only
+from nemo_infifpo.logprobs import sequence_logprob_sums
 from nemo_infifpo.loss import sequence_scores
 from nemo_infifpo.training.dataset import TrainingData
 
@@ -100,30 +102,21 @@ def check_step0_parity(
     model,
     micro_batches: list,
     model_chunks: list,
-    forward_backward,
     data: TrainingData,
     *,
     length_norm: bool,
     atol: float,
 ) -> ParityReport:
     """Recompute p0's scores of this rank's ``micro_batches`` (its share of the first global
-    batch, exactly as step 1 will feed them) through the training forward, gather every rank's
-    rows, raise :class:`Step0ParityError` on a mismatch. Collective over all ranks."""
-    with torch.no_grad():
-        outputs = forward_backward(
-            forward_step_func=partial(model.forward_step, scores_only=True),
-            data_iterator=iter(micro_batches),
-            model=model_chunks,
-            num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0].seq_length,
-            micro_batch_size=int(micro_batches[0].input_ids.shape[0]),
-            forward_only=True,
-        )
+    batch, exactly as step 1 will feed them) through the shared forward pass, gather every
+    rank's rows, raise :class:`Step0ParityError` on a mismatch. Collective over all ranks."""
+    sums_per_batch = forward_only(model_chunks, micro_batches, vocab_size=model.vocab_size)
     mine = []
-    for out in outputs:  # empty except on the last pipeline stage
-        m, rows = out["num_pairs"], out["rows"]
-        sums, counts = out["sums"].double().cpu(), out["counts"].cpu()
-        recomputed = sequence_scores(sums, counts, length_norm=length_norm)
+    for batch, sums in zip(micro_batches, sums_per_batch):
+        m, rows = batch.num_pairs, batch.row_indices
+        counts = sequence_logprob_sums(torch.zeros(batch.loss_mask.shape), batch.loss_mask, batch.sequence_index,
+                                       batch.num_sequences)[1]
+        recomputed = sequence_scores(sums.double(), counts, length_norm=length_norm)
         index = torch.as_tensor(rows, dtype=torch.long)
         precomputed = torch.cat([data.scores["ref_chosen"][index], data.scores["ref_rejected"][index]])
         assert data.ref_tokens is not None
@@ -143,7 +136,7 @@ def check_step0_parity(
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[list[ParityRow] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
-        # Tensor-parallel ranks of one pipeline's last stage report the same rows: keep one each.
+        # The model-parallel ranks of one data-parallel rank report the same rows: keep one each.
         unique = {(r.id, r.side): r for part in gathered for r in (part or [])}
         everyone = list(unique.values())
     report = ParityReport(everyone, atol, per_token=not length_norm)

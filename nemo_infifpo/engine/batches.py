@@ -1,4 +1,8 @@
-"""Micro-batches: tokenized pairs -> the tensors one forward pass of the pivot needs.
+"""Micro-batches: the one batch format of every forward pass (scoring, step-0 parity, training).
+
+Training and parity build them from tokenized pairs (below); scoring and the token-level
+checks from right-padded ``[B, S]`` tokens (:func:`padded_micro_batches`). Either way the
+forward pass is :func:`nemo_infifpo.engine.forward.forward_step`.
 
 A micro-batch holds whole pairs: the chosen and the rejected sequence of a pair always go
 through the same forward pass (the loss needs both scores of a row together). Sequences are
@@ -29,14 +33,19 @@ import torch
 from nemo_infifpo.data.templates import TokenizedPair, TokenizedSequence
 
 __all__ = [
+    "PAD_ID",
     "MicroBatch",
+    "causal_attention_mask",
+    "padded_micro_batches",
     "first_fit_decreasing",
     "pack_micro_batches",
     "pad_micro_batches",
     "padded_length",
 ]
 
-_PAD_ID = 0  # any valid id: padded positions are never scored and never attended to by real tokens
+# Any valid id: padded positions are never scored and never attended to by real tokens; id 0
+# exists in every vocabulary.
+PAD_ID = 0
 
 
 @dataclass
@@ -108,9 +117,10 @@ def _slice_scores(scores: dict[str, torch.Tensor], rows: Sequence[int]) -> dict[
     return {name: value[index] for name, value in scores.items()}
 
 
-def causal_mask(seq_len: int) -> torch.Tensor:
+def causal_attention_mask(seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
     """megatron's convention: bool ``[1, 1, S, S]``, True = masked (a future position)."""
-    return torch.ones(seq_len, seq_len, dtype=torch.bool).triu(diagonal=1).view(1, 1, seq_len, seq_len)
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(diagonal=1)
+    return mask.view(1, 1, seq_len, seq_len)
 
 
 def pad_micro_batches(
@@ -136,8 +146,8 @@ def pad_micro_batches(
         longest = max(len(s) for s in seqs)
         if longest > seq_length:
             raise ValueError(f"a sequence of {longest} tokens does not fit seq_length={seq_length}")
-        input_ids = torch.full((b, seq_length), _PAD_ID, dtype=torch.long)
-        labels = torch.full((b, seq_length), _PAD_ID, dtype=torch.long)
+        input_ids = torch.full((b, seq_length), PAD_ID, dtype=torch.long)
+        labels = torch.full((b, seq_length), PAD_ID, dtype=torch.long)
         loss_mask = torch.zeros(b, seq_length, dtype=torch.bool)
         sequence_index = torch.zeros(b, seq_length, dtype=torch.long)
         for k, seq in enumerate(seqs):
@@ -155,7 +165,7 @@ def pad_micro_batches(
                 num_tokens=sum(len(s) for s in seqs),
                 row_indices=group_rows,
                 scores=_slice_scores(scores, group_rows),
-                attention_mask=causal_mask(seq_length) if explicit_mask else None,
+                attention_mask=causal_attention_mask(seq_length) if explicit_mask else None,
             )
         )
     return batches
@@ -197,9 +207,9 @@ def pack_micro_batches(
         group = [pairs[i] for i in members]
         group_rows = [rows[i] for i in members]
         m = len(group)
-        input_ids = torch.full((bin_length,), _PAD_ID, dtype=torch.long)
+        input_ids = torch.full((bin_length,), PAD_ID, dtype=torch.long)
         position_ids = torch.zeros(bin_length, dtype=torch.long)
-        labels = torch.full((bin_length,), _PAD_ID, dtype=torch.long)
+        labels = torch.full((bin_length,), PAD_ID, dtype=torch.long)
         loss_mask = torch.zeros(bin_length, dtype=torch.bool)
         sequence_index = torch.zeros(bin_length, dtype=torch.long)
         # Each sequence may only see itself: a causal mask restricted to its block. Padding at
@@ -258,3 +268,49 @@ def _thd_params(boundaries: list[int]) -> Any:
         max_seqlen_q=max_len,
         max_seqlen_kv=max_len,
     )
+
+
+def padded_micro_batches(
+    tokens: torch.Tensor, response_mask: torch.Tensor, *, micro_batch_size: int, explicit_mask: bool = True
+) -> list[MicroBatch]:
+    """Right-padded ``tokens`` ``[B, S]`` with ``response_mask`` (True on the tokens whose
+    log-probs count; never token 0) as micro-batches of ``micro_batch_size`` sequences.
+
+    The pipeline schedule sends fixed-shape activations between stages, so the last
+    micro-batch is filled up with copies of row 0 that score nothing (their ``loss_mask`` is
+    empty). Sequence ``k`` of micro-batch ``i`` is row ``i * micro_batch_size + k``.
+    """
+    if tokens.dim() != 2 or tokens.shape != response_mask.shape:
+        raise ValueError("tokens and response_mask must both be [B, S]")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    tokens, mask = tokens.long().cpu(), response_mask.bool().cpu()
+    if bool(mask[:, 0].any()):
+        raise ValueError("response_mask marks token 0, which has no context to be predicted from")
+    rows, seq_length = tokens.shape
+    pad = -rows % micro_batch_size
+    if pad:
+        tokens = torch.cat([tokens, tokens[:1].expand(pad, -1)])
+        mask = torch.cat([mask, torch.zeros_like(mask[:1]).expand(pad, -1)])
+    # Position t predicts token t + 1 (the last position predicts nothing).
+    labels = torch.cat([tokens[:, 1:], torch.full((tokens.size(0), 1), PAD_ID, dtype=torch.long)], dim=1)
+    loss_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    batches = []
+    for start in range(0, tokens.size(0), micro_batch_size):
+        part = slice(start, start + micro_batch_size)
+        b = micro_batch_size
+        batches.append(
+            MicroBatch(
+                input_ids=tokens[part],
+                position_ids=torch.arange(seq_length).unsqueeze(0).expand(b, -1).contiguous(),
+                labels=labels[part],
+                loss_mask=loss_mask[part],
+                sequence_index=torch.arange(b).unsqueeze(1).expand(b, seq_length).contiguous(),
+                num_pairs=0,
+                num_sequences=b,
+                num_tokens=int(tokens[part].numel()),
+                row_indices=list(range(start, start + b)),
+                attention_mask=causal_attention_mask(seq_length) if explicit_mask else None,
+            )
+        )
+    return batches
