@@ -204,7 +204,9 @@ def _load_from_hf(
 # --------------------------------------------------------------------------- dist checkpoint
 
 
-def _model_sharded_state_dict(model: Any) -> dict[str, Any]:
+def model_sharded_state_dict(model: Any) -> dict[str, Any]:
+    """The model's ``dist_checkpointing`` state: its sharded state dict without Transformer
+    Engine's ``_extra_state`` (kernel metadata, not model state; absent in the local spec)."""
     sharded = model.sharded_state_dict()
     return {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
 
@@ -237,7 +239,7 @@ def _load_from_checkpoint(
         use_transformer_engine=use_transformer_engine,
         config_overrides=config_overrides,
     )
-    sharded = _model_sharded_state_dict(model)
+    sharded = model_sharded_state_dict(model)
     repad = padded != metadata.padded_vocab_size
     resized = _request_whole_vocab_tensors(model, sharded, metadata.padded_vocab_size) if repad else set()
     # Whole-tensor requests overlap across ranks by design; the same decision is taken on
@@ -317,7 +319,7 @@ def save_megatron_model(
         (path / METADATA_FILE).unlink(missing_ok=True)  # incomplete until rewritten below
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(_model_sharded_state_dict(model), str(weights))
+    dist_checkpointing.save(model_sharded_state_dict(model), str(weights))
     if dist.is_initialized():
         dist.barrier()
     if is_writer:

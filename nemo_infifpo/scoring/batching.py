@@ -15,12 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from nemo_infifpo.data.templates import TokenizedSequence
+from nemo_infifpo.engine.batches import PAD_ID, padded_length
 
 __all__ = ["Batch", "BatchStats", "batch_stats", "collate", "padded_length", "plan_batches"]
-
-# Every padded position holds a valid token id (the log-prob code rejects ignore indices and the
-# padding is masked out of every sum); id 0 exists in every vocabulary.
-PAD_ID = 0
 
 
 @dataclass(frozen=True)
@@ -44,10 +41,6 @@ class BatchStats:
     @property
     def padding_fraction(self) -> float:
         return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
-
-
-def padded_length(length: int, multiple: int) -> int:
-    return -(-length // multiple) * multiple
 
 
 def plan_batches(

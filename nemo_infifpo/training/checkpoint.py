@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_infifpo.atomic import fsync_directory, write_json_atomic, write_text_atomic
+from nemo_infifpo.models.checkpoint import model_sharded_state_dict
 from nemo_infifpo.training.optimizer import TrainingOptimizer
 
 __all__ = [
@@ -280,11 +281,6 @@ def remove_stale_temporaries(output_dir: str | Path) -> None:
     _barrier()
 
 
-def _model_sharded_state_dict(module: torch.nn.Module) -> dict[str, Any]:
-    # The same filter as nemo_infifpo.models.checkpoint: TE's _extra_state is not model state.
-    return {k: v for k, v in module.sharded_state_dict().items() if not k.endswith("_extra_state")}
-
-
 def _rng_sharded_object(state: TrainerState) -> Any:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -344,7 +340,7 @@ def _save_checkpoint(output_dir: str | Path, model: Any, optimizer: TrainingOpti
 
     save_loaded_model(model.loaded, tmp, extra={"training_step": state.step, "consumed_samples": state.consumed_samples})
     sharded = {
-        "optimizer": optimizer.sharded_state_dict(_model_sharded_state_dict(model.module)),
+        "optimizer": optimizer.sharded_state_dict(model_sharded_state_dict(model.module)),
         "rng": _rng_sharded_object(state),
     }
     dist_checkpointing.save(sharded, str(tmp / TRAIN_STATE_DIR))
@@ -390,7 +386,7 @@ def load_train_state(path: str | Path, model: Any, optimizer: TrainingOptimizer,
         saved.pipeline_model_parallel_size,
         saved.data_parallel_size,
     ) == (state.tensor_model_parallel_size, state.pipeline_model_parallel_size, state.data_parallel_size)
-    request: dict[str, Any] = {"optimizer": optimizer.sharded_state_dict(_model_sharded_state_dict(model.module), is_loading=True)}
+    request: dict[str, Any] = {"optimizer": optimizer.sharded_state_dict(model_sharded_state_dict(model.module), is_loading=True)}
     if same_layout:
         request["rng"] = _rng_sharded_object(state)
     loaded = dist_checkpointing.load(request, str(path / TRAIN_STATE_DIR))
