@@ -188,3 +188,15 @@ def test_average_only_over_tasks_every_model_has() -> None:
     assert summary["average"]["values"] == pytest.approx({"p0": 0.5, "src": 0.7})
     gsm = next(r for r in summary["rows"] if r["task"] == "gsm")
     assert gsm["values"] == {"p0": 0.2, "src": None} and gsm["delta"] == {"src": None}
+
+
+def test_a_second_evaluation_into_the_same_output_dir_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    from nemo_infifpo.evaluation.run import run_evaluation
+    from nemo_infifpo.locking import OutputLock, OutputLockedError
+
+    output = tmp_path / "eval"
+    config = parse_eval_config({**options(model_dir), "output_dir": str(output)})
+    with OutputLock(output / ".lock", stage="evaluation"):
+        with pytest.raises(OutputLockedError, match="is in use by the evaluation run"):
+            run_evaluation(config)
+    assert sorted(p.name for p in output.iterdir()) == []  # nothing evaluated or written

@@ -22,6 +22,7 @@ from nemo_infifpo.evaluation.config import EvalConfig
 from nemo_infifpo.evaluation.fingerprint import evaluation_settings, settings_fingerprint
 from nemo_infifpo.evaluation.summary import build_summary, render_markdown
 from nemo_infifpo.evaluation.tasks import check_tasks, task_manager
+from nemo_infifpo.locking import OutputLock
 
 __all__ = ["EvaluationReport", "results_path", "run_evaluation"]
 
@@ -41,12 +42,18 @@ def results_path(output_dir: str | Path, model_name: str) -> Path:
 
 
 def run_evaluation(config: EvalConfig) -> EvaluationReport:
-    from nemo_infifpo.evaluation.harness import evaluate_model
-
     manager = task_manager(config.include_path)
     check_tasks(manager, config.tasks, confirm_run_unsafe_code=config.confirm_run_unsafe_code)
 
     output_dir = Path(config.output_dir)
+    # One evaluation per output directory: two would race on the same results and summary.
+    with OutputLock(output_dir / ".lock", stage="evaluation"):
+        return _evaluate(config, manager, output_dir)
+
+
+def _evaluate(config: EvalConfig, manager: Any, output_dir: Path) -> EvaluationReport:
+    from nemo_infifpo.evaluation.harness import evaluate_model
+
     report = EvaluationReport(output_dir=output_dir)
     settings = {m.name: evaluation_settings(config, m) for m in config.models}
     all_results: dict[str, dict[str, Any]] = {}
