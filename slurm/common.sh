@@ -196,6 +196,9 @@ infifpo_load_settings() {
   : "${INFIFPO_TRAIN_DATA:=${INFIFPO_MERGED}}"
   INFIFPO_TRAIN_DATA="$(infifpo_abspath "$INFIFPO_TRAIN_DATA")"
 
+  # The start from prompts (slurm/prompts.sh): its settings, and INFIFPO_DATA = its pairs.
+  infifpo_load_prompt_settings
+
   # Jobs submitted later inherit the environment (sbatch --export=ALL): export everything so
   # each stage sees exactly the orchestrator's settings.
   local var
@@ -211,7 +214,7 @@ infifpo_load_settings() {
 }
 
 infifpo_require_data() {
-  [ -n "$INFIFPO_DATA" ] || infifpo_die "INFIFPO_DATA is not set (the preference rows to train on)"
+  [ -n "$INFIFPO_DATA" ] || infifpo_die "INFIFPO_DATA is not set (the preference rows to train on; or INFIFPO_PROMPTS to start from prompts)"
 }
 
 infifpo_cpu_mode() { [ "$INFIFPO_GPUS_PER_NODE" -eq 0 ]; }
@@ -404,7 +407,7 @@ infifpo_unit_key() {
         "$INFIFPO_EVAL_TASKS" "$INFIFPO_EVAL_INCLUDE_PATH" "$INFIFPO_EVAL_LIMIT" "$INFIFPO_EVAL_ALLOW_CODE" \
         "$INFIFPO_EVAL_OVERRIDES"
       ;;
-    *) infifpo_die "unknown unit '${unit}'" ;;
+    *) infifpo_prompt_unit_key "$unit" || infifpo_die "unknown unit '${unit}'" ;;
   esac
 }
 
@@ -602,7 +605,9 @@ infifpo_pipeline_json() {
       "$index" "$(infifpo_json_str "$name")" "$(infifpo_json_str "$path")" \
       "$(infifpo_json_str "$backend")" "$tp" "$pp" "$(infifpo_json_str "$overrides")"
   done <"$INFIFPO_MODELS_TSV"
-  printf '\n  ],\n  "stages": {\n    "score": {"tasks": {'
+  printf '\n  ],\n  "stages": {'
+  infifpo_prompt_stages_json
+  printf '\n    "score": {"tasks": {'
   first=1
   while read -r unit; do
     infifpo_unit_info "$unit"
@@ -642,3 +647,8 @@ infifpo_refresh_pipeline_json() {
     infifpo_pipeline_json | infifpo_write_file_atomic "${INFIFPO_OUT}/pipeline.json"
   ) 9>"${INFIFPO_STATUS_DIR}/.lock"
 }
+
+# ------------------------------------------------------------------ the start from prompts
+
+# shellcheck source=slurm/prompts.sh
+source "$(dirname "${BASH_SOURCE[0]}")/prompts.sh"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# InfiFPO on a Slurm cluster, end to end: score every model -> merge -> train -> export -> evaluate.
+# InfiFPO on a Slurm cluster, end to end: score every model -> merge -> train -> export -> evaluate,
+# or, from prompts: generate -> judge -> build pairs -> SFT -> export SFT -> the same stages.
 #
 #   sbatch slurm/train_phi4.sh            (or: bash slurm/train_phi4.sh — it only submits)
 #   bash slurm/train_phi4.sh --status     refresh and print $INFIFPO_OUT/pipeline.json
@@ -14,13 +15,23 @@
 #   export  slurm/export.sbatch  -> $INFIFPO_OUT/hf, a Hugging Face checkpoint
 #   eval    slurm/evaluate.sbatch  lm-eval on the paper's benchmarks: initial pivot, SFT model,
 #                                fused model -> $INFIFPO_OUT/eval/summary.md (--status shows it)
+# With INFIFPO_PROMPTS (instead of INFIFPO_DATA), before all of them (slurm/prompts.sh):
+#   generate   slurm/generate.sbatch  array over models x shards: the pivot and every source
+#                                answer every prompt (samples, temperature from the sources YAML)
+#   judge      slurm/judge.sbatch     array over shards: the reward model scores every answer
+#   pairs      slurm/pairs.sbatch     best -> chosen, worst -> rejected; SFT half / preference half
+#   sft        slurm/train.sbatch     the pivot trained on the SFT half (INFIFPO_SFT_CONFIG)
+#   sft_export slurm/export.sbatch    -> $INFIFPO_OUT/sft/hf: p0, the pivot scored and trained next
 # Rerunning it is safe: stages (and scoring tasks) whose outputs are complete for the same
 # inputs are skipped, the rest is resubmitted (only the missing scoring tasks, as
 # --array=<indices>), and training resumes from its last checkpoint. It refuses to start while
 # jobs of an earlier submission into the same INFIFPO_OUT are still queued or running.
 #
 # Settings (environment variables; paths may be relative to the submit directory):
-#   INFIFPO_DATA            preference rows (.jsonl/.json/.parquet/datasets dir)   [required]
+#   INFIFPO_DATA            preference rows (.jsonl/.json/.parquet/datasets dir)   [this or
+#                           INFIFPO_PROMPTS]
+#   INFIFPO_PROMPTS         prompts (a "prompt" string or messages, optional "id", extra columns
+#                           kept): start from prompts instead of pairs                  [none]
 #   INFIFPO_SOURCES         sources: a sources YAML, or comma-separated model directories
 #                           PATH[:BACKEND[:TP[:PP]]] (BACKEND megatron|hf|auto)
 #                           [configs/sources/phi4_paper.yaml: the paper's five sources]
@@ -80,10 +91,32 @@
 #   INFIFPO_EVAL_CONTAINER_IMAGE, INFIFPO_EVAL_CONTAINER_MOUNTS  its container and mounts;
 #                           "none" for no container [INFIFPO_CONTAINER_IMAGE / _MOUNTS]
 #   INFIFPO_EVAL_SBATCH_ARGS  extra sbatch flags of the evaluation job [none]
+#   Start from prompts (INFIFPO_PROMPTS):
+#   INFIFPO_JUDGE           the judge: a reward model directory, or function:package.module:name
+#                           [the sources YAML's judge]
+#   INFIFPO_GENERATE_SHARDS / INFIFPO_JUDGE_SHARDS  array tasks per model / of the judge [1 / 1]
+#   INFIFPO_GENERATE_PARALLEL  at most this many generation tasks at once [no limit]
+#   INFIFPO_GENERATE_BACKEND   vllm | hf for every model [the sources YAML's, vllm]
+#   INFIFPO_GENERATE_DTYPE  [bfloat16 on GPUs, float32 on CPU]
+#   INFIFPO_JUDGE_GPUS      GPUs (= data-parallel ranks) of a judge task [INFIFPO_GPUS_PER_NODE];
+#                           INFIFPO_JUDGE_TASKS ranks on CPU [1]
+#   INFIFPO_GENERATE_OVERRIDES / INFIFPO_JUDGE_OVERRIDES / INFIFPO_PAIRS_OVERRIDES
+#                           extra Hydra overrides (e.g. "pairs.min_gap=0.5") [none]
+#   INFIFPO_SFT_CONFIG      SFT config (configs/<name>.yaml) [sft_phi4]; INFIFPO_SFT_OVERRIDES,
+#                           INFIFPO_SFT_TP, INFIFPO_SFT_PP, INFIFPO_SFT_NODES [none / config's /
+#                           INFIFPO_NODES]
+#   INFIFPO_GENERATE_TIME / _JUDGE_TIME / _PAIRS_TIME / _SFT_TIME  [08:00:00 / 04:00:00 /
+#                           01:00:00 / INFIFPO_TRAIN_TIME]; INFIFPO_{GENERATE,JUDGE,PAIRS,SFT}_SBATCH_ARGS
+#   INFIFPO_GENERATE_PYTHON, INFIFPO_GENERATE_CONTAINER_IMAGE, INFIFPO_GENERATE_CONTAINER_MOUNTS,
+#   INFIFPO_JUDGE_PYTHON, INFIFPO_JUDGE_CONTAINER_IMAGE, INFIFPO_JUDGE_CONTAINER_MOUNTS
+#                           the generation's / judge's own interpreter and container (vLLM
+#                           usually lives in its own environment); "none" = no container
+#                           [INFIFPO_PYTHON / INFIFPO_CONTAINER_IMAGE / _MOUNTS]
 #   INFIFPO_DRY_RUN=1       only print the sbatch commands (run with bash, not sbatch);
 #                           writes nothing but INFIFPO_OUT/models.tsv
 #
-# Outputs under INFIFPO_OUT: models.tsv, scores/<model>/, merge/train.scored.parquet,
+# Outputs under INFIFPO_OUT (from prompts, also: generate.tsv, judge.tsv, generate/<model>/,
+# judge/, pairs/{sft,pairs}.jsonl + report.json, sft/ with sft/hf = p0): models.tsv, scores/<model>/, merge/train.scored.parquet,
 # train/ (checkpoints, metrics), hf/ (the result), eval/ (results per model, summary.md and
 # summary.json), logs/<stage>-<jobid>.out, status/,
 # pipeline.json. See slurm/common.sh for the status files.
@@ -125,7 +158,7 @@ source "${INFIFPO_REPO}/slurm/common.sh"
 infifpo_active_jobs() {
   local recorded=() file id active=() line
   shopt -s nullglob
-  for file in "${INFIFPO_STATUS_DIR}"/*.job; do
+  for file in "${INFIFPO_STATUS_DIR}"/*.job "${INFIFPO_SFT_OUT}/status"/*.job; do
     [ "$(basename "$file")" = pipeline.job ] && continue
     id="$(head -n 1 "$file")"
     recorded+=("${id%%_*}")
@@ -146,14 +179,20 @@ infifpo_active_jobs() {
 
 infifpo_validate() {
   infifpo_require_data
-  [ -e "$INFIFPO_DATA" ] || infifpo_die "INFIFPO_DATA=${INFIFPO_DATA} does not exist"
+  if infifpo_prompts_mode; then
+    infifpo_validate_prompt_start
+  else
+    [ -e "$INFIFPO_DATA" ] || infifpo_die "INFIFPO_DATA=${INFIFPO_DATA} does not exist"
+  fi
   local index name path backend tp pp overrides ranks
   ranks="$(infifpo_score_ranks)"
   [ "$ranks" -ge 1 ] || infifpo_die "scoring needs at least one rank (INFIFPO_SCORE_GPUS / INFIFPO_SCORE_TASKS)"
   # shellcheck disable=SC2034  # overrides: read to consume the column
   while IFS=$'\t' read -r index name path backend tp pp overrides; do
     [[ "$index" == \#* ]] && continue
-    [ -d "$path" ] || infifpo_die "model ${name}: ${path} is not a directory (download it, or set INFIFPO_MODELS_DIR)"
+    # From prompts the pivot is the SFT model, made by the pipeline itself.
+    infifpo_prompts_mode && [ "$index" = 0 ] || [ -d "$path" ] ||
+      infifpo_die "model ${name}: ${path} is not a directory (download it, or set INFIFPO_MODELS_DIR)"
     [ $((ranks % (tp * pp))) -eq 0 ] ||
       infifpo_die "model ${name}: TP x PP = ${tp} x ${pp} does not divide the ${ranks} ranks of a scoring task"
   done <"$INFIFPO_MODELS_TSV"
@@ -175,19 +214,119 @@ infifpo_record_submission() {
   printf '%s\n' "$job" | infifpo_write_file_atomic "$(infifpo_marker "$unit" job)"
 }
 
+infifpo_validate_prompt_start() {
+  [ -f "$INFIFPO_PROMPTS" ] || [ -d "$INFIFPO_PROMPTS" ] || infifpo_die "INFIFPO_PROMPTS=${INFIFPO_PROMPTS} does not exist"
+  local index name path backend tp rest kind target
+  # shellcheck disable=SC2034  # rest: read to consume the columns
+  while IFS=$'\t' read -r index name path backend tp rest; do
+    [[ "$index" == \#* ]] && continue
+    [ -d "$path" ] || infifpo_die "model ${name}: ${path} is not a directory (download it, or set INFIFPO_MODELS_DIR)"
+  done <"$INFIFPO_GENERATE_TSV"
+  IFS=$'\t' read -r kind target rest <"$INFIFPO_JUDGE_TSV"
+  [ "$kind" != reward_model ] || [ -d "$target" ] || infifpo_die "judge: reward model ${target} is not a directory"
+}
+
 SCORE_JOB="" MERGE_JOB="" TRAIN_JOB="" EXPORT_JOB="" EVAL_JOB=""
+GENERATE_JOB="" JUDGE_JOB="" PAIRS_JOB="" SFT_JOB="" SFT_EXPORT_JOB="" PROMPT_STAGE_LOG_DIR=""
+
+# submit_array <unit prefix> <var for the job id> <script> <tasks> <parallel> <time> <upstream>
+#   [sbatch flags...]: the array tasks that are not complete (all of them when something upstream
+# was resubmitted), as --array=<indices>.
+submit_array() {
+  local unit_prefix="$1" var="$2" script="$3" tasks="$4" parallel="$5" time="$6" upstream="$7" missing=() i
+  shift 7
+  for ((i = 0; i < tasks; i++)); do
+    [ -z "$upstream" ] && infifpo_is_complete "${unit_prefix}.${i}" || missing+=("$i")
+  done
+  if [ "${#missing[@]}" -eq 0 ]; then
+    infifpo_log "$(printf '%-7s' "${unit_prefix}:") complete (${tasks} tasks), skipped"
+    return 0
+  fi
+  local array flags=() deps=() job stage_var
+  array="$(infifpo_array_spec "${missing[@]}")"
+  [ -z "$parallel" ] || array+="%${parallel}"
+  stage_var="INFIFPO_${unit_prefix^^}_SBATCH_ARGS"
+  infifpo_common_sbatch_flags flags "$stage_var"
+  infifpo_dependency_flags deps "$upstream"
+  job="$(infifpo_sbatch --job-name="infifpo-${unit_prefix}" --array="$array" --time="$time" \
+    --output="${INFIFPO_LOG_DIR}/${unit_prefix}-%A_%a.out" "${deps[@]}" "$@" "${flags[@]}" "${INFIFPO_REPO}/slurm/${script}")"
+  for i in "${missing[@]}"; do infifpo_record_submission "${unit_prefix}.${i}" "${job}_${i}"; done
+  printf -v "$var" '%s' "$job"
+  infifpo_log "$(printf '%-7s' "${unit_prefix}:") job ${job} (array ${array}; $((tasks - ${#missing[@]})) of ${tasks} tasks already complete)"
+}
+
+# Training resources (INFIFPO_NODES nodes) into the array named by $1.
+infifpo_train_flags() {
+  local -n _tflags="$1"
+  _tflags=(--nodes="$INFIFPO_NODES" --signal="B:USR1@${INFIFPO_SIGNAL_SECONDS}" --requeue)
+  if infifpo_cpu_mode; then
+    # gpus-per-node=0 overrides the GPU request in train.sbatch's header.
+    _tflags+=(--ntasks-per-node="$INFIFPO_TASKS_PER_NODE" --gpus-per-node=0)
+  else
+    _tflags+=(--ntasks-per-node="$INFIFPO_GPUS_PER_NODE" --gpus-per-node="$INFIFPO_GPUS_PER_NODE")
+  fi
+  [ -z "$INFIFPO_CPUS_PER_TASK" ] || _tflags+=(--cpus-per-task="$INFIFPO_CPUS_PER_TASK")
+}
+
+# generate -> judge -> pairs -> sft -> sft_export: the start from prompts.
+submit_prompt_stages() {
+  local gpus cflags=()
+  gpus="$(infifpo_generate_gpus)"
+  if infifpo_cpu_mode; then cflags=(--nodes=1 --ntasks=1); else cflags=(--nodes=1 --ntasks=1 --gpus-per-node="$gpus"); fi
+  [ -z "$INFIFPO_CPUS_PER_TASK" ] || cflags+=(--cpus-per-task="$INFIFPO_CPUS_PER_TASK")
+  submit_array generate GENERATE_JOB generate.sbatch $(($(infifpo_generate_count) * INFIFPO_GENERATE_SHARDS)) \
+    "$INFIFPO_GENERATE_PARALLEL" "$INFIFPO_GENERATE_TIME" "" "${cflags[@]}"
+
+  if infifpo_cpu_mode; then cflags=(--nodes=1 --ntasks="$INFIFPO_JUDGE_TASKS"); else
+    cflags=(--nodes=1 --ntasks="$INFIFPO_JUDGE_GPUS" --gpus-per-node="$INFIFPO_JUDGE_GPUS")
+  fi
+  [ -z "$INFIFPO_CPUS_PER_TASK" ] || cflags+=(--cpus-per-task="$INFIFPO_CPUS_PER_TASK")
+  submit_array judge JUDGE_JOB judge.sbatch "$INFIFPO_JUDGE_SHARDS" "" "$INFIFPO_JUDGE_TIME" "$GENERATE_JOB" "${cflags[@]}"
+
+  submit_stage pairs PAIRS_JOB pairs.sbatch "$JUDGE_JOB" --time="$INFIFPO_PAIRS_TIME"
+
+  # SFT: the train and export stages on INFIFPO_OUT/sft (their own markers and models list).
+  infifpo_with_sft_settings infifpo_write_models_tsv
+  local sft_flags=()
+  INFIFPO_NODES="$INFIFPO_SFT_NODES" infifpo_train_flags sft_flags
+  PROMPT_STAGE_LOG_DIR="$INFIFPO_LOG_DIR"
+  SFT_JOB="$(infifpo_with_sft_settings submit_sft_unit train train.sbatch sft "$PAIRS_JOB" \
+    --time="$INFIFPO_SFT_TIME" "${sft_flags[@]}")"
+  SFT_EXPORT_JOB="$(infifpo_with_sft_settings submit_sft_unit export export.sbatch sft_export "$SFT_JOB" \
+    --time="$INFIFPO_EXPORT_TIME")"
+}
+
+# In the SFT settings (a subshell): submit <unit> (train or export) unless it is complete and
+# nothing upstream was resubmitted; prints the job id (nothing when skipped).
+submit_sft_unit() {
+  local unit="$1" script="$2" label="$3" upstream="$4" flags=() deps=() job
+  shift 4
+  if [ -z "$upstream" ] && infifpo_is_complete "$unit"; then
+    infifpo_log "$(printf '%-7s' "${label}:") complete, skipped"
+    return 0
+  fi
+  [ "$INFIFPO_DRY_RUN" = 1 ] || mkdir -p "$INFIFPO_STATUS_DIR"
+  infifpo_common_sbatch_flags flags "INFIFPO_${label^^}_SBATCH_ARGS"
+  infifpo_dependency_flags deps "$upstream"
+  job="$(infifpo_sbatch --job-name="infifpo-${label}" --output="${PROMPT_STAGE_LOG_DIR}/${label}-%j.out" \
+    "${deps[@]}" "$@" "${flags[@]}" "${INFIFPO_REPO}/slurm/${script}")"
+  infifpo_record_submission "$unit" "$job"
+  infifpo_log "$(printf '%-7s' "${label}:") job ${job}${upstream:+ (after ${upstream})}"
+  printf '%s\n' "$job"
+}
 
 submit_score() {
-  local tasks missing=() i
+  local upstream="${1:-}" tasks missing=() i
   tasks=$(($(infifpo_model_count) * INFIFPO_SCORE_SHARDS))
   for ((i = 0; i < tasks; i++)); do
-    infifpo_is_complete "score.${i}" || missing+=("$i")
+    # New pairs or a new p0 upstream: every model scores again.
+    [ -z "$upstream" ] && infifpo_is_complete "score.${i}" || missing+=("$i")
   done
   if [ "${#missing[@]}" -eq 0 ]; then
     infifpo_log "score:  complete (${tasks} tasks), skipped"
     return 0
   fi
-  local array flags=() cflags=()
+  local array flags=() cflags=() deps=()
   array="$(infifpo_array_spec "${missing[@]}")"
   [ -z "$INFIFPO_SCORE_PARALLEL" ] || array+="%${INFIFPO_SCORE_PARALLEL}"
   infifpo_common_sbatch_flags flags INFIFPO_SCORE_SBATCH_ARGS
@@ -197,8 +336,9 @@ submit_score() {
     cflags=(--nodes=1 --ntasks="$INFIFPO_SCORE_GPUS" --gpus-per-node="$INFIFPO_SCORE_GPUS")
   fi
   [ -z "$INFIFPO_CPUS_PER_TASK" ] || cflags+=(--cpus-per-task="$INFIFPO_CPUS_PER_TASK")
+  infifpo_dependency_flags deps "$upstream"
   SCORE_JOB="$(infifpo_sbatch --job-name=infifpo-score --array="$array" --time="$INFIFPO_SCORE_TIME" \
-    --output="${INFIFPO_LOG_DIR}/score-%A_%a.out" "${cflags[@]}" "${flags[@]}" \
+    --output="${INFIFPO_LOG_DIR}/score-%A_%a.out" "${deps[@]}" "${cflags[@]}" "${flags[@]}" \
     "${INFIFPO_REPO}/slurm/score.sbatch")"
   for i in "${missing[@]}"; do infifpo_record_submission "score.${i}" "${SCORE_JOB}_${i}"; done
   infifpo_log "score:  job ${SCORE_JOB} (array ${array}; $((tasks - ${#missing[@]})) of ${tasks} tasks already complete)"
@@ -240,25 +380,28 @@ cmd_submit() {
   [ -z "$active" ] || infifpo_die "jobs of an earlier submission are still queued or running: ${active}(wait, or scancel them)"
 
   infifpo_write_models_tsv
+  if infifpo_prompts_mode; then
+    infifpo_write_prompt_lists
+    infifpo_prompt_eval_default
+  fi
   infifpo_validate
   if [ "$INFIFPO_DRY_RUN" != 1 ]; then
     infifpo_settings_json | infifpo_write_file_atomic "${INFIFPO_STATUS_DIR}/settings.json"
     printf '%s\n' "${SLURM_JOB_ID:-none}" | infifpo_write_file_atomic "${INFIFPO_STATUS_DIR}/pipeline.job"
   fi
 
-  submit_score
+  if infifpo_prompts_mode; then
+    submit_prompt_stages
+    submit_score "${SFT_EXPORT_JOB:-$PAIRS_JOB}"
+  else
+    submit_score
+  fi
 
   submit_stage merge MERGE_JOB merge.sbatch "$SCORE_JOB" --time="$INFIFPO_MERGE_TIME"
 
-  local train_flags=(--nodes="$INFIFPO_NODES" --time="$INFIFPO_TRAIN_TIME"
-    --signal="B:USR1@${INFIFPO_SIGNAL_SECONDS}" --requeue)
-  if infifpo_cpu_mode; then
-    # gpus-per-node=0 overrides the GPU request in train.sbatch's header.
-    train_flags+=(--ntasks-per-node="$INFIFPO_TASKS_PER_NODE" --gpus-per-node=0)
-  else
-    train_flags+=(--ntasks-per-node="$INFIFPO_GPUS_PER_NODE" --gpus-per-node="$INFIFPO_GPUS_PER_NODE")
-  fi
-  [ -z "$INFIFPO_CPUS_PER_TASK" ] || train_flags+=(--cpus-per-task="$INFIFPO_CPUS_PER_TASK")
+  local train_flags=()
+  infifpo_train_flags train_flags
+  train_flags+=(--time="$INFIFPO_TRAIN_TIME")
   submit_stage train TRAIN_JOB train.sbatch "$MERGE_JOB" "${train_flags[@]}"
 
   submit_stage export EXPORT_JOB export.sbatch "$TRAIN_JOB" --time="$INFIFPO_EXPORT_TIME"
@@ -276,12 +419,18 @@ cmd_submit() {
   fi
   # One machine-readable line per stage on stdout (the job id, or "complete").
   printf 'score=%s merge=%s train=%s export=%s eval=%s\n' "${SCORE_JOB:-complete}" "${MERGE_JOB:-complete}" \
-    "${TRAIN_JOB:-complete}" "${EXPORT_JOB:-complete}" "$([ "$INFIFPO_EVAL" = 1 ] && printf '%s' "${EVAL_JOB:-complete}" || printf off)"
+    "${TRAIN_JOB:-complete}" "${EXPORT_JOB:-complete}" "$([ "$INFIFPO_EVAL" = 1 ] && printf '%s' "${EVAL_JOB:-complete}" || printf off)" |
+    if infifpo_prompts_mode; then
+      sed "s/\$/ generate=${GENERATE_JOB:-complete} judge=${JUDGE_JOB:-complete} pairs=${PAIRS_JOB:-complete} sft=${SFT_JOB:-complete} sft_export=${SFT_EXPORT_JOB:-complete}/"
+    else
+      cat
+    fi
 }
 
 cmd_status() {
   infifpo_load_settings
   [ -f "$INFIFPO_MODELS_TSV" ] || infifpo_die "no pipeline in ${INFIFPO_OUT} (no models.tsv)"
+  ! infifpo_prompts_mode || [ ! -f "$INFIFPO_GENERATE_TSV" ] || infifpo_prompt_eval_default
   infifpo_refresh_pipeline_json
   cat "${INFIFPO_OUT}/pipeline.json"
   if [ "$INFIFPO_EVAL" = 1 ]; then
