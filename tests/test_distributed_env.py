@@ -63,6 +63,17 @@ def test_slurm_plain_host_list(clean_env: pytest.MonkeyPatch) -> None:
     assert env.master_addr == "a1" and env.local_rank == 0
 
 
+
+def test_slurm_single_task_ignores_an_inherited_master(clean_env: pytest.MonkeyPatch) -> None:
+    """A one-task step (export, merge, one-rank scoring) has no peers: a MASTER_ADDR/PORT that
+    came with the submitting shell's environment must not send its store to another node."""
+    for name, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "node[1-2]",
+                        "SLURM_JOB_ID": "7", "MASTER_ADDR": "node2", "MASTER_PORT": "29500"}.items():
+        clean_env.setenv(name, value)
+    env = read_launch_env()
+    assert (env.rank, env.world_size, env.launcher, env.master_addr) == (0, 1, "slurm", "127.0.0.1")
+    assert env.master_port != 29500
+
 @pytest.mark.parametrize(
     ("nodelist", "hosts"),
     [

@@ -120,6 +120,18 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
             launcher="torchrun",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if int(env["SLURM_NTASKS"]) == 1:
+            # A single task has no peers: rendezvous with itself. MASTER_ADDR/MASTER_PORT may
+            # be inherited from the submitting shell (sbatch exports its environment), naming
+            # another node or a port in use there, and the store would wait for it forever.
+            return LaunchEnv(
+                rank=0,
+                world_size=1,
+                local_rank=int(env.get("SLURM_LOCALID", "0")),
+                master_addr="127.0.0.1",
+                master_port=_free_port(),
+                launcher="slurm",
+            )
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
         hosts = expand_nodelist(nodelist)
         master_addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
