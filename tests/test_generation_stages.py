@@ -323,12 +323,21 @@ def test_bad_inputs_give_one_clear_line_and_lose_nothing(world: Path, generated:
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: generate: model.path '{broken}': cannot load a causal language model")
     assert not list((tmp_path / "o2").glob("shard-*"))
-    # ... and pointed at the earlier output, refused before anything is computed.
+    # Once the weights are there, the same command works: the failed run computed nothing.
+    for path in (world / "phi3").iterdir():
+        if "safetensors" in path.name:
+            (broken / path.name).write_bytes(path.read_bytes())
     result = run_recipe("generate.py", f"model.path={broken}", f"data.path={world / 'prompts.jsonl'}",
+                        f"output_dir={tmp_path / 'o2'}", "dtype=float32", "sampling.max_new_tokens=4")
+    assert result.returncode == 0, result.stderr
+    assert "replacing the manifest of a run that computed nothing" in result.stderr
+    assert len(records(tmp_path / "o2")) == 5
+    # ... and pointed at an earlier output, refused before anything is computed.
+    result = run_recipe("generate.py", f"model.path={world / 'qwen2'}", f"data.path={world / 'prompts.jsonl'}",
                         f"output_dir={generated['phi3']}", "dtype=float32", "shard.count=2", "sampling.n=2",
                         f"sampling.max_new_tokens={MAX_NEW}", "sampling.seed=11")
     assert result.returncode == 1 and "already holds generate results computed from different inputs" in result.stderr
-    assert "model_fingerprint" in result.stderr
+    assert "model_fingerprint" in result.stderr and "tokenizer_fingerprint" in result.stderr
     assert {p.name: p.read_bytes() for p in generated["phi3"].iterdir()} == before
 
     result = run_recipe("generate.py", f"model.path={world / 'phi3'}", f"data.path={world / 'prompts.jsonl'}",

@@ -819,3 +819,172 @@ def test_tiny_preemption_resumes_to_the_same_weights(slurm_cluster: Cluster, tin
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------- start from prompts
+
+
+def _generation_list(*args: str) -> list[list[str]]:
+    result = subprocess.run([sys.executable, str(REPO / "slurm" / "generation_list.py"), *args], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return [line.split("\t") for line in result.stdout.splitlines()]
+
+
+def test_generation_list_paper_settings() -> None:
+    rows = _generation_list("--sources", str(REPO / "configs/sources/phi4_paper.yaml"), "--models-dir", "/m")
+    assert rows[0] == ["#index", "name", "path", "backend", "tp", "samples", "temperature", "top_p", "max_new_tokens", "seed", "overrides"]
+    models = _models_list("--sources", str(REPO / "configs/sources/phi4_paper.yaml"), "--models-dir", "/m")
+    assert [(r[1], r[2]) for r in rows[1:]] == [(m[1], m[2]) for m in models]  # the same names and paths
+    # The paper: 8 samples from the pivot, 4 from each source, temperature 0.8.
+    assert [int(r[5]) for r in rows[1:]] == [8, 4, 4, 4, 4, 4]
+    assert {r[6] for r in rows[1:]} == {"0.8"} and {r[3] for r in rows[1:]} == {"vllm"}
+    assert rows[3][4] == "2"  # Mistral-Small generates at TP=2
+    assert rows[6][10] == "data.max_prompt_length=1024"  # Qwen2.5-Math: 4k positions
+    judge = _generation_list("--sources", str(REPO / "configs/sources/phi4_paper.yaml"), "--models-dir", "/m", "--judge")
+    assert judge == [["reward_model", "/m/Skywork-Reward-Llama-3.1-8B-v0.2", "judge.max_length=8192"]]
+    assert _generation_list("--sources", "a,b", "--pivot", "/p", "--backend", "hf")[1][3:6] == ["hf", "1", "8"]
+    assert _generation_list("--sources", "a", "--judge", "function:pkg.mod:f") == [["function", "pkg.mod:f", ""]]
+
+
+def test_prompts_start_dry_run_and_bad_settings(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    for name in ("p", "s", "rm"):
+        (models / name).mkdir(parents=True)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INFIFPO_", "SLURM_"))}
+    env.update(INFIFPO_PROMPTS=str(prompts), INFIFPO_PIVOT=str(models / "p"), INFIFPO_SOURCES=str(models / "s"),
+               INFIFPO_JUDGE=str(models / "rm"), INFIFPO_OUT=str(tmp_path / "out"), INFIFPO_DRY_RUN="1",
+               INFIFPO_GENERATE_SHARDS="2", INFIFPO_JUDGE_SHARDS="3", INFIFPO_GPUS_PER_NODE="8", INFIFPO_PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(REPO / ORCHESTRATOR)], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stderr.splitlines() if line.startswith("dry run: sbatch")]
+    scripts = [line.split()[-1].rsplit("/", 1)[-1] for line in commands]
+    assert scripts == ["generate.sbatch", "judge.sbatch", "pairs.sbatch", "train.sbatch", "export.sbatch",
+                       "score.sbatch", "merge.sbatch", "train.sbatch", "export.sbatch", "evaluate.sbatch"]
+    assert "--array=0-3" in commands[0] and "--array=0-2" in commands[1] and "--gpus-per-node=8" in commands[1]
+    assert "--dependency=afterok:dry-export" in commands[5]  # scoring waits for p0, the exported SFT model
+    assert "--output=" + str(tmp_path / "out" / "logs" / "sft-%j.out") in commands[3]
+    tsv = (tmp_path / "out" / "models.tsv").read_text().splitlines()
+    assert tsv[1].split("\t")[2] == str(tmp_path / "out" / "sft" / "hf")
+    assert (tmp_path / "out" / "sft" / "models.tsv").read_text().splitlines()[1].split("\t")[2] == str(models / "p")
+    both = subprocess.run(["bash", str(REPO / ORCHESTRATOR)], env={**env, "INFIFPO_DATA": str(prompts)},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert both.returncode == 1 and "INFIFPO_PROMPTS and INFIFPO_DATA are alternatives" in both.stderr
+    missing = subprocess.run(["bash", str(REPO / ORCHESTRATOR)], env={**env, "INFIFPO_JUDGE": str(tmp_path / "nope")},
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert missing.returncode == 1 and "judge: reward model" in missing.stderr
+
+
+PROMPT_STAGES = ("generate", "judge", "pairs", "sft", "sft_export", "score", "merge", "train", "export")
+
+
+@pytest.fixture(scope="module")
+def prompt_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_stages()
+    from nemo_infifpo.testing.models import save_tiny_hf_model
+    from nemo_infifpo.testing.reward_models import save_tiny_reward_model
+
+    root = tmp_path_factory.mktemp("prompts_pipeline")
+    for name, (family, seed) in {"tiny-phi3": ("phi3", 1), "tiny-qwen2": ("qwen2", 2)}.items():
+        save_tiny_hf_model(family, root / "models" / name, seed=seed)
+    save_tiny_reward_model(root / "models" / "tiny-rm", family="qwen2", seed=4)
+    # A source that cannot generate yet: config and tokenizer, no weights.
+    broken = root / "models" / "tiny-llama"
+    save_tiny_hf_model("llama", root / "scratch-llama", seed=3)
+    broken.mkdir()
+    for path in (root / "scratch-llama").iterdir():
+        if "safetensors" not in path.name:
+            shutil.copy2(path, broken / path.name)
+    words = ["reverse", "sort", "add", "count"]
+    (root / "prompts.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i:03d}", "prompt": f"Please {words[i % 4]} the digits {i * 7919 % 1000}"}) + "\n" for i in range(48)))
+    (root / "sources.yaml").write_text(json.dumps({
+        "models_dir": str(root / "models"),
+        "generation": {"backend": "hf", "temperature": 0.8, "max_new_tokens": 12, "pivot_samples": 2, "source_samples": 2},
+        "judge": {"type": "reward_model", "path": "tiny-rm"},
+        "pivot": {"path": "tiny-phi3", "backend": "megatron"},
+        "sources": [{"name": "qwen2", "path": "tiny-qwen2", "backend": "megatron"},
+                    {"name": "llama", "path": "tiny-llama", "backend": "hf", "generation": {"samples": 3}}],
+    }))
+    return root
+
+
+def prompts_env(cluster: Cluster, root: Path, out: Path) -> dict[str, str]:
+    return pipeline_env(
+        cluster, INFIFPO_PROMPTS=str(root / "prompts.jsonl"), INFIFPO_SOURCES=str(root / "sources.yaml"),
+        INFIFPO_OUT=str(out), INFIFPO_CONFIG=TINY_CONFIG, INFIFPO_SFT_CONFIG=TINY_CONFIG,
+        INFIFPO_SFT_OVERRIDES="loss.type=sft trainer.step0_parity_check=false trainer.max_steps=4",
+        INFIFPO_OVERRIDES="trainer.max_steps=4",
+        # Random tiny models rarely end a turn within 12 tokens: keep cut-off answers.
+        INFIFPO_PAIRS_OVERRIDES="pairs.allow_truncated=true",
+        INFIFPO_NODES="1", INFIFPO_GPUS_PER_NODE="0", INFIFPO_TASKS_PER_NODE="2", INFIFPO_GENERATE_PARALLEL="2",
+        INFIFPO_SCORE_PARALLEL="2", INFIFPO_PYTHON=sys.executable, OMP_NUM_THREADS="1", INFIFPO_EVAL="0",
+    )
+
+
+def prompt_stage_jobs(ids: dict[str, str]) -> list[str]:
+    return [ids[s] for s in PROMPT_STAGES if ids.get(s, "complete") != "complete"]
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_from_prompts(slurm_cluster: Cluster, prompt_assets: Path) -> None:
+    """prompts -> generate -> judge -> pairs -> SFT -> export SFT -> score p0 + sources -> merge ->
+    InfiFPO -> export on the local cluster. A source that cannot generate fails its task and
+    cancels everything after it; once fixed, a rerun resubmits only that task and completes the
+    chain; a third run finds every stage complete."""
+    out = prompt_assets / "run"
+    env = prompts_env(slurm_cluster, prompt_assets, out)
+    ids = submit_pipeline(slurm_cluster, REPO, env, out, cwd=REPO)
+    slurm_cluster.wait(prompt_stage_jobs(ids), timeout=900, poll=1.0)
+    generate = {r["ArrayTaskId"]: r["JobState"] for r in slurm_cluster.jobs(ids["generate"])}
+    assert generate == {"0": "COMPLETED", "1": "COMPLETED", "2": "FAILED"}, generate
+    assert "cannot load a causal language model" in (out / "logs" / f"generate-{ids['generate']}_2.out").read_text()
+    for stage in ("judge", "pairs", "sft", "sft_export", "score", "merge", "train", "export"):
+        records = slurm_cluster.jobs(ids[stage]) if stage in ("judge", "score") else [slurm_cluster.job(ids[stage])]
+        assert all(r["JobState"] == "CANCELLED" for r in records), (stage, records)
+    assert read_pipeline(out)["stages"]["generate"]["state"] == "failed"
+
+    from nemo_infifpo.testing.models import save_tiny_hf_model
+
+    save_tiny_hf_model("llama", prompt_assets / "models" / "tiny-llama", seed=3)
+    rerun = submit_pipeline(slurm_cluster, REPO, env, out, cwd=REPO)
+    assert [r["ArrayTaskId"] for r in slurm_cluster.jobs(rerun["generate"])] == ["2"]
+    slurm_cluster.wait(prompt_stage_jobs(rerun), timeout=1800, poll=1.0)
+    pipeline = refresh_status(slurm_cluster, REPO, env, cwd=REPO)
+    logs = "\n".join(f"== {p.name}\n{p.read_text()[-2500:]}" for p in sorted((out / "logs").glob("*.out")))
+    assert {s: pipeline["stages"][s]["state"] for s in PROMPT_STAGES} == dict.fromkeys(PROMPT_STAGES, "complete"), logs
+
+    # Each stage started after the one before it had finished (the stages' own markers).
+    def marker(unit: str, kind: str) -> float:
+        if unit in ("sft", "sft_export"):
+            return marker_time(out / "sft", {"sft": "train", "sft_export": "export"}[unit], kind)
+        return marker_time(out, unit, kind)
+
+    chain = [[f"generate.{i}" for i in range(3)], ["judge.0"], ["pairs"], ["sft"], ["sft_export"],
+             [f"score.{i}" for i in range(3)], ["merge"], ["train"], ["export"]]
+    for before, after in itertools.pairwise(chain):
+        assert max(marker(u, "complete") for u in before) <= min(marker(u, "started") for u in after), (before, after)
+
+    report = json.loads((out / "pairs" / "report.json").read_text())
+    assert report["prompts"]["sft"] + report["prompts"]["preference"] + sum(report["prompts"]["excluded"].values()) == 48
+    assert report["candidates"]["total"] == 48 * (2 + 2 + 3)
+    assert set(report["models"]) == {"pivot", "qwen2", "llama"}
+    sft_rows = jsonl(out / "pairs" / "sft.jsonl")
+    pairs = jsonl(out / "pairs" / "pairs.jsonl")
+    assert len(sft_rows) == report["prompts"]["sft"] and len(pairs) == report["prompts"]["preference"]
+    assert not {r["id"] for r in sft_rows} & {r["id"] for r in pairs}
+    assert all(r["chosen_score"] > r["rejected_score"] and r["chosen_model"] in report["models"] for r in pairs)
+
+    # p0 is the SFT model: trained on sft.jsonl from the pivot, exported, scored and trained.
+    assert max(int(m["step"]) for m in jsonl(out / "sft" / "train" / "metrics.jsonl")) == 4
+    manifest = json.loads((out / "scores" / "pivot" / "manifest.json").read_text())
+    assert manifest["info"]["model_path"] == str(out / "sft" / "hf")
+    assert manifest["info"]["num_rows"] == len(pairs)
+    sft_model, initial = hf_state(out / "sft" / "hf"), hf_state(prompt_assets / "models" / "tiny-phi3")
+    assert any(float((sft_model[k] - initial[k]).abs().max()) > 0 for k in initial)
+    fused = hf_state(out / "hf")
+    assert any(float((fused[k] - sft_model[k]).abs().max()) > 0 for k in sft_model)
+
+    again = submit_pipeline(slurm_cluster, REPO, env, out, cwd=REPO)
+    assert {s: again[s] for s in PROMPT_STAGES} == dict.fromkeys(PROMPT_STAGES, "complete"), again

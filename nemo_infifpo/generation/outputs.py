@@ -6,7 +6,9 @@ contiguous shards; each finished shard ``k`` leaves ``shard-0000k-of-0000K.parqu
 sidecar ``shard-0000k-of-0000K.json``, written last (identity digest, records, exclusions,
 sha256 of the Parquet file), so a sidecar with a matching identity and checksum is what
 "complete" means. ``manifest.json`` records the :class:`StageIdentity` (everything that
-decides the records) and refuses a rerun with other inputs, naming the fields that differ.
+decides the records) and refuses a rerun with other inputs, naming the fields that differ,
+as long as any shard was computed under it (a run that failed before its first shard, e.g.
+on a model that does not load, leaves nothing to protect).
 
 Within a shard records are sorted by prompt id, and shards follow id order, so reading the
 shards one after the other gives a whole directory in prompt-id order: what lets build_pairs
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,8 @@ __all__ = [
     "shard_slices",
     "write_shard",
 ]
+
+log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 _READ_CHUNK = 1 << 20
@@ -113,13 +118,19 @@ def check_or_create_manifest(
     existing = read_manifest(output_dir)
     if existing is not None:
         differences = StageIdentity.from_dict(existing["identity"]).differences(identity)
-        if differences:
+        if differences and not any(output_dir.glob("shard-*-of-*.json")):
+            # Nothing was computed under the old inputs (say, a run that failed to load its
+            # model): the manifest alone is not worth keeping, and a rerun with the fix must work.
+            log.warning("%s: replacing the manifest of a run that computed nothing (%s)", output_dir, "; ".join(differences))
+            existing = None
+        elif differences:
             raise OutputMismatchError(
                 f"{output_dir} already holds {existing['identity']['stage']} results computed from different "
                 f"inputs (recorded vs now): {'; '.join(differences)}. To compute these inputs, choose a new "
                 "output_dir, or delete this directory to start fresh."
             )
-        return existing
+        if existing is not None:
+            return existing
     manifest = {"manifest_version": MANIFEST_VERSION, "identity": identity.to_dict(), "info": dict(info), "shards": []}
     if create:
         write_json_atomic(output_dir / MANIFEST_NAME, manifest)
