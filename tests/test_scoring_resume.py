@@ -86,7 +86,9 @@ def test_killed_job_resumes_only_missing_shards_and_merges_identically(assets: S
     }
     assert 1 <= len(done_before) < SHARDS, done_before
     manifest = json.loads((killed / "manifest.json").read_text())
-    assert manifest["complete"] is False
+    # The kill may land between a shard's sidecar and the manifest's summary refresh: the
+    # sidecars are authoritative, the summary only never claims completeness it lacks.
+    assert manifest.get("complete") is not True
 
     resumed = run_score_recipe(score_args(assets.model, assets.data, killed, **args))
     for name in done_before:

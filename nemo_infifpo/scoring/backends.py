@@ -96,6 +96,14 @@ class ScoringWorld:
         torch.distributed.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def all_gather(self, payload: Any) -> list[Any]:
+        """Every rank's ``payload`` on every rank, in rank order."""
+        if self.world_size == 1:
+            return [payload]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, payload)
+        return gathered
+
     def gather_to_writer(self, payload: Any) -> list[Any] | None:
         """Every contributing rank's ``payload`` on rank 0 (None elsewhere)."""
         if self.world_size == 1:
@@ -146,26 +154,17 @@ class MegatronBackend:
         dtype: torch.dtype = torch.bfloat16,
         micro_batch_size: int | None = None,
     ) -> None:
-        from nemo_infifpo.engine.distributed import init_distributed
         from nemo_infifpo.models.checkpoint import load_megatron_model
 
-        info = init_distributed(tensor_model_parallel_size, pipeline_model_parallel_size)
-        self.world = ScoringWorld(
-            rank=info.rank,
-            world_size=info.world_size,
-            dp_rank=info.dp_rank,
-            dp_size=info.dp,
-            contributes=info.tp_rank == 0 and info.pp_rank == 0,
-            device=info.device,
-        )
-        self._pipeline_size = info.pp
+        self.world = open_world("megatron", tensor_model_parallel_size, pipeline_model_parallel_size)
+        self._pipeline_size = pipeline_model_parallel_size
         self._micro_batch_size = micro_batch_size
         loaded = load_megatron_model(
             model_path,
             tensor_model_parallel_size,
             pipeline_model_parallel_size,
             params_dtype=dtype,
-            device=info.device,
+            device=self.world.device,
         )
         self.model = loaded.model
         self.vocab_size = int(loaded.vocab_size)
@@ -225,8 +224,6 @@ class HFBackend:
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        from nemo_infifpo.engine.cpu_compat import running_on_cpu
-        from nemo_infifpo.engine.distributed import read_launch_env
         from nemo_infifpo.models.checkpoint import is_megatron_checkpoint
 
         if logits_mode not in HF_LOGIT_MODES:
@@ -237,21 +234,8 @@ class HFBackend:
                 f"{path} is a megatron checkpoint written by this package; the hf back end needs a "
                 "Hugging Face model directory (use model.backend=megatron, or export it first)"
             )
-        launch = read_launch_env()
-        use_cuda = not running_on_cpu()
-        device = torch.device("cuda", launch.local_rank) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)  # before NCCL initialisation, which binds to it
-        if launch.world_size > 1:
-            self._init_process_group(launch, use_cuda)
-        self.world = ScoringWorld(
-            rank=launch.rank,
-            world_size=launch.world_size,
-            dp_rank=launch.rank,
-            dp_size=launch.world_size,
-            contributes=True,
-            device=device,
-        )
+        self.world = open_world("hf")
+        device = self.world.device
         self.dtype = dtype
         self.model = AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, **_dtype_kwarg(dtype)
@@ -263,18 +247,6 @@ class HFBackend:
             raise InputError(f"{path}: the model has no output embedding (lm_head); cannot score")
         self.vocab_size = int(output.weight.shape[0])
         self._mode = logits_mode  # "auto" resolves to "hidden" or "logits" on the first batch
-
-    def _init_process_group(self, launch: Any, use_cuda: bool) -> None:
-        # Data parallelism only: a plain process group, no megatron groups, no CPU patches.
-        if torch.distributed.is_initialized():
-            return
-        backend = "nccl" if use_cuda else "gloo"
-        init_method = (
-            "env://" if launch.launcher == "torchrun" else f"tcp://{launch.master_addr}:{launch.master_port}"
-        )
-        torch.distributed.init_process_group(
-            backend=backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size
-        )
 
     # -- the two ways to get token log-probs
 
@@ -345,6 +317,49 @@ def shutdown_distributed() -> None:
         destroy_distributed()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def open_world(backend: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> ScoringWorld:
+    """Join the job's ranks before any model is loaded (so they can share the preprocessing,
+    :mod:`nemo_infifpo.scoring.preprocess`); the back end then loads its model into this world.
+    Idempotent: a second call returns the same world."""
+    from nemo_infifpo.engine.cpu_compat import running_on_cpu
+    from nemo_infifpo.engine.distributed import init_distributed, read_launch_env
+
+    if backend == "megatron":
+        info = init_distributed(tensor_model_parallel_size, pipeline_model_parallel_size)
+        return ScoringWorld(
+            rank=info.rank,
+            world_size=info.world_size,
+            dp_rank=info.dp_rank,
+            dp_size=info.dp,
+            contributes=info.tp_rank == 0 and info.pp_rank == 0,
+            device=info.device,
+        )
+    launch = read_launch_env()
+    use_cuda = not running_on_cpu()
+    device = torch.device("cuda", launch.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)  # before NCCL initialisation, which binds to it
+    if launch.world_size > 1:
+        _init_process_group(launch, use_cuda)
+    return ScoringWorld(
+        rank=launch.rank, world_size=launch.world_size, dp_rank=launch.rank, dp_size=launch.world_size,
+        contributes=True, device=device,
+    )
+
+
+def _init_process_group(launch: Any, use_cuda: bool) -> None:
+    # Data parallelism only: a plain process group, no megatron groups, no CPU patches.
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if use_cuda else "gloo"
+    init_method = (
+        "env://" if launch.launcher == "torchrun" else f"tcp://{launch.master_addr}:{launch.master_port}"
+    )
+    torch.distributed.init_process_group(
+        backend=backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size
+    )
 
 
 def create_backend(

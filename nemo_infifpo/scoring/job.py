@@ -30,14 +30,12 @@ from typing import Any
 import numpy as np
 
 from nemo_infifpo.data.errors import ConfigError, InputError
-from nemo_infifpo.data.policy import ExclusionLog, RowPolicy
+from nemo_infifpo.data.policy import RowPolicy
 from nemo_infifpo.data.rows import PreferenceRow, read_preference_rows
 from nemo_infifpo.data.scored_set import package_version
 from nemo_infifpo.data.templates import (
     BOUNDARY_MODES,
     ResponseTokenizer,
-    TokenizedPair,
-    TokenizedSequence,
     load_tokenizer,
 )
 from nemo_infifpo.locking import OutputLockedError
@@ -47,6 +45,7 @@ from nemo_infifpo.scoring.backends import (
     HF_LOGIT_MODES,
     ScoringBackend,
     create_backend,
+    open_world,
     parse_dtype,
 )
 from nemo_infifpo.scoring.batching import batch_stats, collate, plan_batches
@@ -56,6 +55,7 @@ from nemo_infifpo.scoring.manifest import (
     dataset_fingerprint,
     model_fingerprint,
 )
+from nemo_infifpo.scoring.preprocess import BatchEncoder, MeasuredRows, measure_rows
 from nemo_infifpo.scoring.shards import (
     ShardScores,
     lock_shards,
@@ -356,17 +356,17 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
         summary.seconds = time.perf_counter() - started
         return summary
 
-    # Rows this model's template cannot encode are found before the model is loaded: under
-    # on_invalid_row=fail, or above max_excluded_fraction, the job stops in seconds.
+    # The ranks measure the rows together before the model is loaded (each a slice): rows this
+    # model's template cannot encode stop the job in seconds under on_invalid_row=fail or
+    # above max_excluded_fraction, and every rank gets the lengths that plan the batches.
     shards = split_rows(rows, config.shard_count)
     pending_rows = [row for index in pending for row in shards[index]]
-    check = ExclusionLog(config.policy, stage="score", model=config.model_name)
-    tokenizer.encode_rows(pending_rows, invalid=check)
-    check.check(len(pending_rows))
-    if check.entries:
+    world = open_world(config.backend, config.tensor_model_parallel_size, config.pipeline_model_parallel_size)
+    measured = measure_rows(tokenizer, pending_rows, world, config.policy, model=config.model_name)
+    if measured.invalid:
         log.warning(
             "%d of %d rows cannot be encoded with this model's template and are left out",
-            len(check.entries),
+            len(measured.invalid),
             len(pending_rows),
         )
 
@@ -395,7 +395,7 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
         if refused:
             raise OutputLockedError(refused)
         for index in pending:
-            _score_shard(config, backend, tokenizer, identity, index, shards[index], summary)
+            _score_shard(config, backend, tokenizer, identity, index, shards[index], measured, summary)
     finally:
         for lock in locks:
             lock.release()
@@ -434,17 +434,18 @@ def _score_shard(
     identity: ScoringIdentity,
     index: int,
     rows: list[PreferenceRow],
+    measured: MeasuredRows,
     summary: ScoringSummary,
 ) -> None:
     world = backend.world
     label = shard_name(index, config.shard_count)
     shard_started = time.perf_counter()
-    invalid = ExclusionLog(config.policy, stage="score", model=config.model_name)
-    pairs, too_long = tokenizer.encode_rows(rows, invalid=invalid)
-    excluded: list[Any] = [*too_long, *invalid.entries]
-    # Sequence 2i is pair i's chosen response, 2i + 1 its rejected one.
-    sequences: list[TokenizedSequence] = [seq for pair in pairs for seq in (pair.chosen, pair.rejected)]
-    lengths = [len(seq) for seq in sequences]
+    usable = measured.usable(rows)
+    excluded = measured.excluded(rows)
+    # Sequence 2k is usable row k's chosen response, 2k + 1 its rejected one; a rank encodes a
+    # row only when one of its own batches needs it.
+    encoder = BatchEncoder(tokenizer, usable, measured)
+    lengths = encoder.lengths
     batches = plan_batches(
         lengths,
         config.max_tokens,
@@ -454,12 +455,11 @@ def _score_shard(
     mine = batches[world.dp_rank :: world.dp_size]
     stats = batch_stats(batches, lengths)
     log.info(
-        "%s: %d rows (%d excluded by max_length, %d invalid), %d sequences in %d batches, %.1f%% padding",
+        "%s: %d rows (%d excluded), %d sequences in %d batches, %.1f%% padding",
         label,
         len(rows),
-        len(too_long),
-        len(invalid.entries),
-        len(sequences),
+        len(excluded),
+        len(lengths),
         stats.num_batches,
         100 * stats.padding_fraction,
     )
@@ -469,7 +469,7 @@ def _score_shard(
     real_tokens = 0
     with _progress_bar(config, backend, sum(len(b.indices) for b in mine), label) as bar:
         for batch in mine:
-            batch_sequences = [sequences[i] for i in batch.indices]
+            batch_sequences = encoder.sequences(batch.indices)
             tokens, mask = collate(batch_sequences, batch.padded_length)
             sums, counts = backend.score(tokens, mask)
             for i, seq, total, count in zip(
@@ -491,12 +491,12 @@ def _score_shard(
         merged: dict[int, tuple[float, int]] = {}
         for part in gathered:
             merged.update(part)
-        if len(merged) != len(sequences):
-            raise RuntimeError(f"{label}: gathered {len(merged)} of {len(sequences)} sequence scores")
-        sums_array = np.array([merged[i][0] for i in range(len(sequences))], dtype=np.float64)
-        count_array = np.array([merged[i][1] for i in range(len(sequences))], dtype=np.int64)
+        if len(merged) != len(lengths):
+            raise RuntimeError(f"{label}: gathered {len(merged)} of {len(lengths)} sequence scores")
+        sums_array = np.array([merged[i][0] for i in range(len(lengths))], dtype=np.float64)
+        count_array = np.array([merged[i][1] for i in range(len(lengths))], dtype=np.int64)
         scores = ShardScores(
-            ids=[pair.id for pair in pairs],
+            ids=[row.id for row in usable],
             chosen_logps=sums_array[0::2],
             rejected_logps=sums_array[1::2],
             chosen_tokens=count_array[0::2],
@@ -520,24 +520,14 @@ def _score_shard(
             excluded,
             len(rows),
             run_info,
-            text_changes=_text_changes(pairs),
+            text_changes=measured.text_change_ids(usable),
         )
         refresh_manifest(config.output_dir)
-        log.info("%s: written (%d rows scored)", label, len(pairs))
+        log.info("%s: written (%d rows scored)", label, len(usable))
     world.barrier()
     summary.shards_computed.append(index)
     summary.scoring_seconds += time.perf_counter() - shard_started
-    summary.rows_scored += len(pairs)
+    summary.rows_scored += len(usable)
     summary.rows_excluded += len(excluded)
     summary.real_tokens += stats.real_tokens
     summary.padded_tokens += stats.padded_tokens
-
-
-def _text_changes(pairs: list[TokenizedPair]) -> dict[str, list[str]]:
-    """kind -> ids of the rows whose response text the template changed (either side)."""
-    changes: dict[str, set[str]] = {}
-    for pair in pairs:
-        for sequence in (pair.chosen, pair.rejected):
-            if sequence.text_change is not None:
-                changes.setdefault(sequence.text_change, set()).add(pair.id)
-    return {kind: sorted(ids) for kind, ids in changes.items()}
