@@ -352,3 +352,23 @@ def test_bad_inputs_give_one_clear_line_and_lose_nothing(world: Path, generated:
     result = run_recipe("judge.py", f"data.path={world / 'prompts.jsonl'}", f"generation_dirs=[{generated['phi3']}]",
                         f"output_dir={tmp_path / 'j'}", "judge.type=reward_model")
     assert result.returncode == 1 and "judge.type=reward_model needs judge.model_path" in result.stderr
+
+
+@pytest.mark.slow
+def test_reward_model_ranks_share_the_answers(world: Path, generated: dict[str, Path], tmp_path: Path) -> None:
+    """Two torchrun ranks (gloo) judge the same answers as one process, and rank 0 writes them."""
+    from torchrun import free_port
+
+    run_judge(judge_config(world, generated, tmp_path / "one", shard_count=1))
+    args = [f"data.path={world / 'prompts.jsonl'}", "generation_dirs=[" + ",".join(str(generated[m]) for m in MODELS) + "]",
+            f"output_dir={tmp_path / 'two'}", "judge.type=reward_model", f"judge.model_path={world / 'rm'}",
+            "dtype=float32", "batch.max_tokens=64"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                             f"--master_port={free_port()}", str(REPO / "recipes" / "judge.py"), *args],
+                            capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [(r["prompt_id"], r["model"], r["sample_index"]) for r in two] == [(r["prompt_id"], r["model"], r["sample_index"]) for r in one]
+    for a, b in zip(one, two, strict=True):
+        assert b["score"] == pytest.approx(a["score"], abs=1e-4)
