@@ -71,13 +71,17 @@ short_host() { hostname -s; }
 
 have_binaries() {
   command -v munged >/dev/null && command -v slurmctld >/dev/null &&
-    command -v slurmd >/dev/null && command -v sbatch >/dev/null
+    command -v slurmd >/dev/null && command -v sbatch >/dev/null &&
+    { ! multi_node || command -v ip >/dev/null; }
 }
 
 install_packages() {
   have_binaries && return 0
   command -v apt-get >/dev/null || die "slurm is not installed and apt-get is unavailable"
-  log "installing slurm-wlm and munge with apt-get"
+  local packages=(slurm-wlm munge)
+  # Several nodes need iproute2 (ip netns, veth, bridge); minimal images lack it.
+  if multi_node; then packages+=(iproute2); fi
+  log "installing ${packages[*]} with apt-get"
   # Debian post-install scripts would start the daemons (with their own configuration);
   # a policy-rc.d that answers 101 ("action forbidden") stops that. Only remove it if we
   # created it.
@@ -91,14 +95,14 @@ install_packages() {
   (
     export DEBIAN_FRONTEND=noninteractive
     # Fresh machines often have empty or stale package lists: update only when needed.
-    if ! apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null; then
+    if ! apt-get install -y -q --no-install-recommends "${packages[@]}" >/dev/null; then
       apt-get update -q >/dev/null
-      apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null
+      apt-get install -y -q --no-install-recommends "${packages[@]}" >/dev/null
     fi
   ) || rc=$?
   if [ "$created_policy" -eq 1 ]; then rm -f "$policy"; fi
-  [ "$rc" -eq 0 ] || die "apt-get install slurm-wlm munge failed (exit $rc)"
-  have_binaries || die "slurm binaries still missing after installation"
+  [ "$rc" -eq 0 ] || die "apt-get install ${packages[*]} failed (exit $rc)"
+  have_binaries || die "slurm binaries (or ip) still missing after installation"
 }
 
 # ------------------------------------------------------------------ configuration
