@@ -111,15 +111,19 @@ def cluster_running(env: dict[str, str]) -> bool:
     return _run(["bash", str(LOCAL_CLUSTER), "status"], env=env, check=False).returncode == 0
 
 
-def cluster_session() -> Iterator[Cluster]:
-    """Bring the local cluster up (installing it if needed) for the session; take it down at
-    the end only if this session started it. (The ``slurm_cluster`` fixture of both test
-    modules; bringing up a running cluster is a no-op.)"""
+def cluster_session(home: Path = SLURM_HOME, nodes: int = 1, port: str | None = None) -> Iterator[Cluster]:
+    """Bring a local cluster up (installing it if needed) for the session; take it down at
+    the end only if this session started it. (The ``slurm_cluster`` fixture of the test
+    modules; bringing up a running cluster is a no-op.) ``nodes`` > 1: one network namespace
+    per node (slurm/local_cluster.sh up --nodes); ``port``: its slurmctld port, so that it can
+    run next to another cluster."""
     env = dict(os.environ)
-    env["INFIFPO_SLURM_HOME"] = str(SLURM_HOME)
-    env["SLURM_CONF"] = str(SLURM_HOME / "etc" / "slurm.conf")
+    env["INFIFPO_SLURM_HOME"] = str(home)
+    env["SLURM_CONF"] = str(home / "etc" / "slurm.conf")
+    if port is not None:
+        env["INFIFPO_SLURM_PORT"] = port
     was_running = shutil.which("sbatch") is not None and cluster_running(env)
-    up = _run(["bash", str(LOCAL_CLUSTER), "up"], env=env, timeout=900, check=False)
+    up = _run(["bash", str(LOCAL_CLUSTER), "up", "--nodes", str(nodes)], env=env, timeout=900, check=False)
     if up.returncode != 0:
         reason = _apt_reason()
         if shutil.which("slurmctld") is None and reason is not None:
