@@ -868,6 +868,11 @@ def test_prompts_start_dry_run_and_bad_settings(tmp_path: Path) -> None:
     tsv = (tmp_path / "out" / "models.tsv").read_text().splitlines()
     assert tsv[1].split("\t")[2] == str(tmp_path / "out" / "sft" / "hf")
     assert (tmp_path / "out" / "sft" / "models.tsv").read_text().splitlines()[1].split("\t")[2] == str(models / "p")
+    # The evaluation compares the pivot as given, p0 (the SFT model) and the fused model.
+    settings = {k: v for k, v in env.items() if k.startswith("INFIFPO_") and k != "INFIFPO_DRY_RUN"}
+    listed = _bash("INFIFPO_REPO=" + str(REPO) + "; infifpo_load_settings; infifpo_prompt_eval_default; infifpo_eval_models", **settings)
+    assert listed.splitlines() == [f"pivot\t{models / 'p'}", f"sft\t{tmp_path / 'out' / 'sft' / 'hf'}",
+                                   f"fused\t{tmp_path / 'out' / 'hf'}"]
     both = subprocess.run(["bash", str(REPO / ORCHESTRATOR)], env={**env, "INFIFPO_DATA": str(prompts)},
                           capture_output=True, text=True, timeout=120, check=False)
     assert both.returncode == 1 and "INFIFPO_PROMPTS and INFIFPO_DATA are alternatives" in both.stderr
