@@ -156,7 +156,6 @@ class RewardModelJudge:
                              f"this one has {model.config.num_labels}")
         self.model = model.to(device).eval()
         self.device = device
-        torch.set_grad_enabled(False)
 
     def score_batch(self, sequences: Sequence[Sequence[int]]) -> list[float]:
         """Scores of left-padded conversations: the logit at each one's last token."""
@@ -173,6 +172,9 @@ class RewardModelJudge:
         # Embeddings instead of ids: the model then pools the last position of every row (the
         # last real token, with left padding) rather than searching for a pad id that may also
         # occur inside a conversation.
-        embeddings = self.model.get_input_embeddings()(ids)
-        logits = self.model(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions).logits
+        # No gradients, without switching them off for the whole process (a global
+        # set_grad_enabled(False) would leak into whatever runs next in it).
+        with torch.no_grad():
+            embeddings = self.model.get_input_embeddings()(ids)
+            logits = self.model(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions).logits
         return [float(v) for v in logits[:, 0].float().cpu().tolist()]
