@@ -954,8 +954,8 @@ def test_tiny_pipeline_from_prompts(slurm_cluster: Cluster, prompt_assets: Path)
 
     save_tiny_hf_model("llama", prompt_assets / "models" / "tiny-llama", seed=3)
     rerun = submit_pipeline(slurm_cluster, REPO, env, out, cwd=REPO)
-    assert [r["ArrayTaskId"] for r in slurm_cluster.jobs(rerun["generate"])] == ["2"]
     slurm_cluster.wait(prompt_stage_jobs(rerun), timeout=1800, poll=1.0)
+    assert [r["ArrayTaskId"] for r in slurm_cluster.jobs(rerun["generate"])] == ["2"]
     pipeline = refresh_status(slurm_cluster, REPO, env, cwd=REPO)
     logs = "\n".join(f"== {p.name}\n{p.read_text()[-2500:]}" for p in sorted((out / "logs").glob("*.out")))
     assert {s: pipeline["stages"][s]["state"] for s in PROMPT_STAGES} == dict.fromkeys(PROMPT_STAGES, "complete"), logs
