@@ -249,3 +249,28 @@ def test_demo_ci_exported_checkpoints_load_with_transformers(demo_ci):
     assert p0.keys() == dpo.keys() == infifpo.keys()
     assert any(not torch.equal(p0[k], dpo[k]) for k in p0)
     assert any(not torch.equal(dpo[k], infifpo[k]) for k in p0)
+
+
+def test_template_arguments_reach_every_stage_that_renders_a_models_template(tmp_path):
+    """pivot.chat_template_kwargs reaches the pivot's SFT, its scoring and both preference
+    runs; a source's only its own SFT and scoring."""
+    from nemo_infifpo.demo.pipeline import Layout, build_stages
+    from nemo_infifpo.demo.world import WorldFiles
+
+    config = _config(**{"pivot.chat_template_kwargs": {"enable_thinking": False, "date_string": "2025-01-31"}})
+    names = [config.pivot.name, *(s.name for s in config.sources)]
+    world = WorldFiles(root=tmp_path, model_dirs={n: tmp_path / n for n in names},
+                       sft_data={n: tmp_path / f"{n}.jsonl" for n in names}, pairs_train=tmp_path / "train.jsonl",
+                       pairs_heldout=tmp_path / "heldout.jsonl", description={})
+    layout = Layout(tmp_path / "out")
+    override = 'tokenizer.chat_template_kwargs={enable_thinking:false,date_string:"2025-01-31"}'
+    with_kwargs, without = [], []
+    for stage in build_stages(config, layout, world):
+        try:
+            command = stage.command()
+        except FileNotFoundError:  # a stage that needs an earlier stage's output
+            continue
+        (with_kwargs if override in command else without).append(stage.name)
+    pivot = config.pivot.name
+    assert {f"sft/{pivot}", f"score/{pivot}", "train/infifpo", "train/dpo"} <= set(with_kwargs), with_kwargs
+    assert all(not name.endswith(tuple(s.name for s in config.sources)) for name in with_kwargs), with_kwargs

@@ -63,6 +63,9 @@ class ModelSpec:
     sft: SFTConfig = field(default_factory=SFTConfig)
     # recipes/score.py back end: megatron (TP/PP/DP) or hf (transformers).
     score_backend: str = "megatron"
+    # Template variables for every render of this model's chat template (SFT, scoring, and for
+    # the pivot preference training), e.g. {enable_thinking: false}; empty: none.
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

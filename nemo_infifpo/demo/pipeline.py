@@ -19,6 +19,7 @@ demo (the other running stages are terminated) and its log tail is shown.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -306,6 +307,14 @@ class Layout:
 _TRAIN_COMMON = ["--config-name", "infifpo_tiny", "checkpoint.interval=0", "logging.tensorboard=false", "logging.progress_bar=false"]
 
 
+def template_overrides(spec: ModelSpec) -> list[str]:
+    """The Hydra override passing ``spec``'s chat-template variables to a stage (none if empty)."""
+    if not spec.chat_template_kwargs:
+        return []
+    pairs = ",".join(f"{key}:{json.dumps(value)}" for key, value in spec.chat_template_kwargs.items())
+    return [f"tokenizer.chat_template_kwargs={{{pairs}}}"]
+
+
 def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[Stage]:
     """All stages after the world is built, in priority order."""
     specs: list[ModelSpec] = [config.pivot, *config.sources]
@@ -324,7 +333,7 @@ def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[
             "loss.type=sft", "model.tensor_model_parallel_size=1", "model.pipeline_model_parallel_size=1",
             f"model.micro_batch_size={sft.micro_batch_size}", f"model.global_batch_size={sft.global_batch_size}",
             f"trainer.max_steps={sft.steps}", f"optim.lr={sft.lr}", f"optim.min_lr={sft.min_lr}",
-            f"optim.warmup_fraction={sft.warmup_fraction}", f"seed={config.seed}",
+            f"optim.warmup_fraction={sft.warmup_fraction}", f"seed={config.seed}", *template_overrides(spec),
         ]
         stages.append(Stage(f"sft/{spec.name}", lambda a=args: _torchrun(nproc, "train_infifpo.py", a), slots=nproc))
 
@@ -359,6 +368,7 @@ def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[
         args = [
             f"model.path={model_dir}", f"model.backend={spec.score_backend}", f"data.path={pairs_train}",
             f"output_dir={layout.scores(spec.name)}", "dtype=float32", "data.max_length=120", "progress=false",
+            *template_overrides(spec),
         ]
         stages.append(Stage(f"score/{spec.name}", lambda a=args: _python("score.py", a), deps=(f"export/{spec.name}", *pairs_deps)))
 
@@ -397,7 +407,7 @@ def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[
         f"trainer.max_steps={p.steps}", f"optim.lr={p.lr}", f"optim.min_lr={p.min_lr}",
         f"optim.warmup_fraction={p.warmup_fraction}", f"loss.beta={p.beta}", f"loss.length_norm={str(p.length_norm).lower()}",
         f"loss.fusion={p.fusion}", f"loss.clip={str(p.clip).lower()}", f"loss.include_pivot={str(p.include_pivot).lower()}",
-        f"seed={config.seed}", *p.overrides,
+        f"seed={config.seed}", *template_overrides(config.pivot), *p.overrides,
     ]
     runs = {
         INFIFPO: [*common, "loss.type=infifpo", f"output_dir={layout.pref_run(INFIFPO)}"],
