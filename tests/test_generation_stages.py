@@ -26,7 +26,7 @@ from nemo_infifpo.generation.generate import GenerateConfig, run_generation
 from nemo_infifpo.generation.judging import JudgeConfig, run_judge
 from nemo_infifpo.generation.outputs import OutputMismatchError
 from nemo_infifpo.generation.pairs import PairRules
-from nemo_infifpo.generation.sampling import RawSample, SamplingSettings, finish_sample, request_seed
+from nemo_infifpo.generation.sampling import GeneratedSample, RawSample, SamplingSettings, finish_sample, request_seed
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"phi3": 1, "qwen2": 2, "llama": 3}
@@ -59,6 +59,13 @@ def gen_config(world: Path, model: str, out: Path, **changes: object) -> Generat
                           sampling=sampling, dtype="float32", max_prompts=2, **changes)  # type: ignore[arg-type]
 
 
+def prompt_messages(world: Path) -> dict[str, list[dict[str, str]]]:
+    """prompt id -> messages, as the stages read them (ids of rows without one are hashes)."""
+    from nemo_infifpo.generation.prompts import read_prompt_rows
+
+    return {row.id: row.messages for row in read_prompt_rows(world / "prompts.jsonl").rows}
+
+
 def records(directory: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -85,15 +92,13 @@ def test_generate_three_models_each_with_its_own_template(world: Path, generated
         assert len(ids) == 5 and "7" in ids and len(rows) == 10
         assert [(r["prompt_id"], r["sample_index"]) for r in rows] == sorted((i, s) for i in ids for s in range(2))
         renderer = ResponseTokenizer(load_tokenizer(world / model))
+        messages = prompt_messages(world)
         for r in rows:
             assert r["model"] == model
             assert r["finish_reason"] in ("stop", "length")
             assert 1 <= r["num_tokens"] <= MAX_NEW
             assert r["finish_reason"] == "stop" or r["num_tokens"] == MAX_NEW
-            prompt = next(p for p in PROMPTS if str(p.get("id")) == r["prompt_id"]) if r["prompt_id"] in "abc7" else None
-            if prompt is not None:
-                messages = prompt["prompt"] if isinstance(prompt["prompt"], list) else [{"role": "user", "content": prompt["prompt"]}]
-                assert r["prompt_tokens"] == len(renderer.render_ids(messages, add_generation_prompt=True))
+            assert r["prompt_tokens"] == len(renderer.render_ids(messages[r["prompt_id"]], add_generation_prompt=True))
         prompt_tokens[model] = [r["prompt_tokens"] for r in rows]
         manifest = json.loads((directory / "manifest.json").read_text())
         assert manifest["complete"] and manifest["identity"]["fields"]["sampling"]["seed"] == 11
@@ -142,12 +147,11 @@ def test_temperature_zero_is_greedy(world: Path, tmp_path: Path) -> None:
     run_generation(gen_config(world, "llama", tmp_path / "greedy", sampling=greedy))
     renderer, stops, _ = generate_module.prompt_tokenizer(gen_config(world, "llama", tmp_path / "x"))
     model = AutoModelForCausalLM.from_pretrained(str(world / "llama"), dtype=torch.float32).eval()
-    for r in records(tmp_path / "greedy"):
-        prompt = next(p for p in PROMPTS if str(p.get("id", "")) == r["prompt_id"]) if r["prompt_id"] in "abc7" else None
-        if prompt is None:
-            continue
-        messages = prompt["prompt"] if isinstance(prompt["prompt"], list) else [{"role": "user", "content": prompt["prompt"]}]
-        ids = renderer.render_ids(messages, add_generation_prompt=True)
+    messages = prompt_messages(world)
+    greedy_rows = records(tmp_path / "greedy")
+    assert len(greedy_rows) == len(messages)
+    for r in greedy_rows:
+        ids = renderer.render_ids(messages[r["prompt_id"]], add_generation_prompt=True)
         new: list[int] = []
         with torch.no_grad():
             for _ in range(6):
@@ -161,7 +165,7 @@ def test_temperature_zero_is_greedy(world: Path, tmp_path: Path) -> None:
 
 def test_finish_reasons_and_vllm_requests_and_results() -> None:
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-    assert finish_sample(RawSample([5, 6, 9, 7]), [9], 8, decode) == type(finish_sample(RawSample([1]), [9], 8, decode))("5 6", 3, "stop")
+    assert finish_sample(RawSample([5, 6, 9, 7]), [9], 8, decode) == GeneratedSample("5 6", 3, "stop")
     assert finish_sample(RawSample([5, 6, 7]), [9], 3, decode).finish_reason == "length"
     assert finish_sample(RawSample([5, 6], stopped=True), [9], 3, decode).finish_reason == "stop"
     sampling = SamplingSettings(n=3, temperature=0.8, top_p=0.95, max_new_tokens=64, seed=5)
@@ -227,9 +231,9 @@ def test_reward_model_scores_equal_a_plain_sequence_classification(world: Path, 
     assert {(r["prompt_id"], r["model"], r["sample_index"]) for r in scores} == set(texts)
     renderer = ResponseTokenizer(load_tokenizer(world / "rm"))
     model = AutoModelForSequenceClassification.from_pretrained(str(world / "rm"), dtype=torch.float32).eval()
-    prompts = {r.id: r for r in __import__("nemo_infifpo.generation.prompts", fromlist=["x"]).read_prompt_rows(world / "prompts.jsonl").rows}
+    messages = prompt_messages(world)
     for r in scores:
-        conversation = prompts[r["prompt_id"]].messages + [
+        conversation = messages[r["prompt_id"]] + [
             {"role": "assistant", "content": texts[(r["prompt_id"], r["model"], r["sample_index"])]}]
         ids = renderer.render_ids(conversation, add_generation_prompt=False)
         with torch.no_grad():
