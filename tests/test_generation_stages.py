@@ -376,3 +376,21 @@ def test_reward_model_ranks_share_the_answers(world: Path, generated: dict[str, 
     assert [(r["prompt_id"], r["model"], r["sample_index"]) for r in two] == [(r["prompt_id"], r["model"], r["sample_index"]) for r in one]
     for a, b in zip(one, two, strict=True):
         assert b["score"] == pytest.approx(a["score"], abs=1e-4)
+
+
+def test_prompt_rows_name_the_file_line_and_field(tmp_path: Path) -> None:
+    from nemo_infifpo.data.policy import RowPolicy
+    from nemo_infifpo.data.rows import PreferenceDataError
+    from nemo_infifpo.generation.prompts import prompt_hash_id, read_prompt_rows
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "ok", "reference": 4}\nnot json\n{"prompt": ""}\n'
+                    '{"id": "x", "prompt": [{"role": "assistant", "content": "a"}]}\n{"id": 3, "prompt": "dup"}\n{"id": "3", "prompt": "dup"}\n')
+    read = read_prompt_rows(path, policy=RowPolicy(max_excluded_fraction=1.0))
+    assert [(r.id, r.extra) for r in read.rows] == [(prompt_hash_id([{"role": "user", "content": "ok"}]), {"reference": 4})]
+    assert [e.reason for e in read.excluded] == ["invalid_json", "empty_content", "invalid_row", "duplicate_id", "duplicate_id"]
+    assert read.excluded[2].detail == f"{path}, line 4 (id 'x'): field 'prompt': must end with a user message, it ends with 'assistant'"
+    with pytest.raises(PreferenceDataError, match=r"line 2: invalid JSON"):
+        read_prompt_rows(path, policy=RowPolicy(on_invalid_row="fail"))
+    with pytest.raises(TooManyExcludedRows, match="5 of 6 prompts are invalid"):
+        read_prompt_rows(path)

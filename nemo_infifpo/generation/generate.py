@@ -151,14 +151,13 @@ def prompt_tokenizer(config: GenerateConfig) -> tuple[ResponseTokenizer, list[in
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {directory} (set tokenizer.path)")
     hf_tokenizer = load_tokenizer(directory)
-    common = dict(template_kwargs=config.chat_template_kwargs, template_date=config.template_date)
+    common: dict[str, Any] = dict(template_kwargs=config.chat_template_kwargs, template_date=config.template_date)
+    renderer = ResponseTokenizer(hf_tokenizer, config.chat_template, **common)
     try:
-        renderer = ResponseTokenizer(hf_tokenizer, config.chat_template, boundary="generation", **common)
-        end_of_turn = renderer.end_of_turn
-    except TemplateError as error:
-        if "end-of-turn" not in str(error) and "end of a generated turn" not in str(error):
-            raise
-        renderer, end_of_turn = ResponseTokenizer(hf_tokenizer, config.chat_template, **common), None
+        # The marker the template writes after an assistant message (the generation boundary's).
+        end_of_turn = ResponseTokenizer(hf_tokenizer, config.chat_template, boundary="generation", **common).end_of_turn
+    except TemplateError:
+        end_of_turn = None  # no special token closes a turn: EOS alone stops generation
     stops: list[int] = []
     if end_of_turn:
         marker = renderer.text_ids(end_of_turn)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_infifpo.data.policy import ExclusionLog, RowExclusion, RowPolicy
-from nemo_infifpo.data.rows import ROLES, Message, PreferenceDataError, _open_records
+from nemo_infifpo.data.rows import ROLES, Message, PreferenceDataError, _BadRecord, _open_records
 from nemo_infifpo.data.scored_set import canonical_json
 
 __all__ = ["PromptRow", "PromptsRead", "prompt_hash_id", "prompts_fingerprint", "read_prompt_rows"]
@@ -120,7 +120,7 @@ def read_prompt_rows(
 
 def normalize_prompt_record(record: Any, *, source: str, number: int | None, location: str = "row") -> PromptRow:
     """One record as a :class:`PromptRow`; raises :class:`PreferenceDataError` naming the field."""
-    if hasattr(record, "error") and isinstance(getattr(record, "error"), PreferenceDataError):
+    if isinstance(record, _BadRecord):
         raise record.error  # a line that was not JSON
 
     def error(field: str | None, problem: str, row_id: str | None = None, reason: str = "invalid_row") -> PreferenceDataError:
