@@ -140,7 +140,6 @@ class RewardModelJudge:
         return self.renderer.render_ids([*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False)
 
     def load(self, device: Any) -> None:
-        import torch
         from transformers import AutoModelForSequenceClassification
 
         from nemo_infifpo.scoring.backends import parse_dtype

@@ -28,7 +28,7 @@ from typing import Any
 from nemo_infifpo.atomic import write_json_atomic
 from nemo_infifpo.data.errors import InputError
 from nemo_infifpo.data.scored_set import canonical_json, write_parquet_atomic
-from nemo_infifpo.scoring.manifest import MANIFEST_NAME, ScoringMismatchError
+from nemo_infifpo.scoring.manifest import MANIFEST_NAME, ScoringMismatchError, manifest_lock
 from nemo_infifpo.scoring.shards import shard_name, shard_slices
 
 __all__ = [
@@ -115,6 +115,16 @@ def check_or_create_manifest(
     """Compare ``identity`` with the directory's manifest (raise :class:`OutputMismatchError`
     on any difference); write a new manifest when there is none and ``create`` is set."""
     output_dir = Path(output_dir)
+    if create:
+        # Array tasks start together: "no manifest yet" and writing one must be one step.
+        with manifest_lock(output_dir):
+            return _check_or_create(output_dir, identity, info, create=True)
+    return _check_or_create(output_dir, identity, info, create=False)
+
+
+def _check_or_create(
+    output_dir: Path, identity: StageIdentity, info: Mapping[str, Any], *, create: bool
+) -> dict[str, Any]:
     existing = read_manifest(output_dir)
     if existing is not None:
         differences = StageIdentity.from_dict(existing["identity"]).differences(identity)
@@ -211,8 +221,14 @@ def shard_is_complete(
 
 
 def refresh_manifest(output_dir: str | Path) -> dict[str, Any] | None:
-    """Rewrite the manifest's per-shard summary from the sidecars (which are authoritative)."""
+    """Rewrite the manifest's per-shard summary from the sidecars (which are authoritative);
+    concurrent tasks take turns (the manifest lock)."""
     output_dir = Path(output_dir)
+    with manifest_lock(output_dir):
+        return _refresh_manifest(output_dir)
+
+
+def _refresh_manifest(output_dir: Path) -> dict[str, Any] | None:
     manifest = read_manifest(output_dir)
     if manifest is None:
         return None
