@@ -9,7 +9,6 @@ The work itself is :func:`nemo_infifpo.generation.build.build_pairs`.
 from __future__ import annotations
 
 import logging
-import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

@@ -385,14 +385,29 @@ TRAINING_CASES = {
 }
 
 
+# The generate/judge/build_pairs rows and the tests that reproduce them.
+GENERATION_CASES = {
+    "no_prompts": "test_generation_stages.py::test_bad_inputs_give_one_clear_line_and_lose_nothing",
+    "model_cannot_generate": "test_generation_stages.py::test_bad_inputs_give_one_clear_line_and_lose_nothing",
+    "generation_rerun_with_other_inputs": "test_generation_stages.py::test_bad_inputs_give_one_clear_line_and_lose_nothing",
+    "negative_temperature": "test_generation_stages.py::test_bad_inputs_give_one_clear_line_and_lose_nothing",
+    "judge_function_not_importable": "test_generation_stages.py::test_bad_inputs_give_one_clear_line_and_lose_nothing",
+    "reward_model_without_path": "test_generation_stages.py::test_bad_inputs_give_one_clear_line_and_lose_nothing",
+    "judge_raises_or_returns_nan": "test_generation_stages.py::test_function_judge_excludes_and_reports_answers_it_cannot_score",
+    "pairs_from_other_outputs": "test_build_pairs.py::test_build_pairs_refuses_mismatched_inputs",
+    "bad_split_fraction": "test_build_pairs.py::test_build_pairs_recipe_reports_bad_options",
+}
+
+
 def test_training_rows_of_the_bad_input_table_have_their_tests():
     import ast
 
     table = (REPO / "docs" / "BAD_INPUTS.md").read_text()
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| `")]
-    ours = {cells[0].strip().strip("`") for cells in rows if cells[2].strip() in ("train", "export")}
-    assert ours == set(TRAINING_CASES)
-    for case, node in TRAINING_CASES.items():
+    for stages, cases in ((("train", "export"), TRAINING_CASES), (("generate", "judge", "build_pairs"), GENERATION_CASES)):
+        ours = {cells[0].strip().strip("`") for cells in rows if cells[2].strip() in stages}
+        assert ours == set(cases), stages
+    for case, node in {**TRAINING_CASES, **GENERATION_CASES}.items():
         file, name = node.split("::")
         tree = ast.parse((REPO / "tests" / file).read_text())
         assert name in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}, (case, node)
