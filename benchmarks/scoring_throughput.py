@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from nemo_infifpo.data.rows import load_preference_rows, rows_from_records
     from nemo_infifpo.data.templates import ResponseTokenizer, load_tokenizer
-    from nemo_infifpo.scoring.backends import create_backend, parse_dtype, shutdown_distributed
+    from nemo_infifpo.models.architecture import parse_dtype
+    from nemo_infifpo.scoring.backends import create_backend, shutdown_distributed
     from nemo_infifpo.scoring.batching import batch_stats, collate, plan_batches
 
     torch.manual_seed(0)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-from nemo_infifpo.models.architecture import ArchitectureSpec, RopeSpec, read_rope
+from nemo_infifpo.data.errors import ConfigError
+from nemo_infifpo.models.architecture import ArchitectureSpec, RopeSpec, parse_dtype, read_rope
 from nemo_infifpo.models.errors import (
     ParallelLayoutError,
     UnsupportedArchitectureError,
@@ -90,6 +91,21 @@ def test_phi4_reads_into_megatron_terms() -> None:
     assert not arch.tied_embeddings and not arch.qkv_bias and arch.sliding_window is None
     assert arch.dtype == torch.bfloat16
     assert valid_tensor_parallel_sizes(arch) == [1, 2, 5, 10]
+
+
+def test_parse_dtype_is_the_one_dtype_parser() -> None:
+    assert parse_dtype("bfloat16") == torch.bfloat16
+    assert parse_dtype("torch.float16") == torch.float16
+    assert parse_dtype(torch.float32) == torch.float32
+    assert parse_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert parse_dtype(None, torch.float16) == torch.float16
+    # Errors name the key and every allowed value, and are ConfigErrors (ValueErrors).
+    with pytest.raises(ConfigError, match=r"^dtype must be one of float32, bfloat16, got 'float16'$"):
+        parse_dtype("float16", allowed=("float32", "bfloat16"))
+    with pytest.raises(ConfigError, match=r"^export\.dtype must be one of float32, bfloat16, float16, auto, got 'fp8'$"):
+        parse_dtype("fp8", torch.float32, key="export.dtype")
+    with pytest.raises(ValueError, match="got None"):
+        parse_dtype(None)
 
 
 def test_transformer_config_reproduces_the_hf_model_exactly() -> None:

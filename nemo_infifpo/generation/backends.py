@@ -192,7 +192,7 @@ def create_generator(backend: str, model_path: str | Path, *, dtype: str, tensor
         return VLLMGenerator(model_path, dtype=dtype, tensor_model_parallel_size=tensor_model_parallel_size,
                              seed=seed, engine_args=engine_args)
     if backend == "hf":
-        from nemo_infifpo.scoring.backends import parse_dtype
+        from nemo_infifpo.models.architecture import parse_dtype
 
         return HFGenerator(model_path, dtype=parse_dtype(dtype), pad_id=pad_id, max_tokens=max_tokens, max_prompts=max_prompts)
     raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

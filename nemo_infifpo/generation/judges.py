@@ -142,7 +142,7 @@ class RewardModelJudge:
     def load(self, device: Any) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        from nemo_infifpo.scoring.backends import parse_dtype
+        from nemo_infifpo.models.architecture import parse_dtype
 
         try:
             model = AutoModelForSequenceClassification.from_pretrained(

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from nemo_infifpo.data.errors import ConfigError
 from nemo_infifpo.models.errors import UnsupportedModelFeatureError, UnsupportedRopeScalingError
 
 # RoPE variants megatron-core's RotaryEmbedding reproduces exactly (see RopeSpec).
@@ -97,16 +98,32 @@ def read_dtype(config: Any) -> torch.dtype:
     return dtype
 
 
-def parse_dtype(value: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
-    """``"bfloat16"``/``"torch.bfloat16"``/a dtype -> dtype; ``None`` or ``"auto"`` -> ``default``."""
-    if value is None or value == "auto":
-        return default
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(
+    value: torch.dtype | str | None,
+    default: torch.dtype | None = None,
+    *,
+    allowed: tuple[str, ...] = DTYPE_NAMES,
+    key: str = "dtype",
+) -> torch.dtype:
+    """A dtype option -> ``torch.dtype``: the one parser of every stage's ``dtype``.
+
+    ``value`` is a name in ``allowed`` (``"torch."`` prefix accepted) or a ``torch.dtype``
+    (returned as is); ``None`` or ``"auto"`` gives ``default`` where there is one. Anything
+    else raises :class:`~nemo_infifpo.data.errors.ConfigError` (a ``ValueError``) naming
+    ``key`` and the allowed names.
+    """
     if isinstance(value, torch.dtype):
         return value
-    dtype = getattr(torch, str(value).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {value!r}")
-    return dtype
+    if (value is None or value == "auto") and default is not None:
+        return default
+    name = str(value).removeprefix("torch.") if value is not None else None
+    if name not in allowed:
+        choices = ", ".join((*allowed, "auto") if default is not None else allowed)
+        raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+    return getattr(torch, name)
 
 
 def _rope_dicts(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -234,7 +234,9 @@ def _load_from_checkpoint(
         arch,
         layout,
         padded_vocab_size=padded,
-        params_dtype=parse_dtype(params_dtype, parse_dtype(metadata.params_dtype, arch.dtype)),
+        params_dtype=parse_dtype(
+            params_dtype, parse_dtype(metadata.params_dtype, arch.dtype, key=f"params_dtype in {path}")
+        ),
         device=device,
         use_transformer_engine=use_transformer_engine,
         config_overrides=config_overrides,

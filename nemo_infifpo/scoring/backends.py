@@ -44,14 +44,14 @@ __all__ = [
     "ScoringBackend",
     "ScoringWorld",
     "create_backend",
-    "parse_dtype",
     "shutdown_distributed",
 ]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("megatron", "hf")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The dtypes a scoring job accepts (parsed by models.architecture.parse_dtype).
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 HF_LOGIT_MODES = ("auto", "hidden", "logits")
 
 # Max |difference| between the hidden-state path and the model's own logits on the probe
@@ -59,12 +59,6 @@ HF_LOGIT_MODES = ("auto", "hidden", "logits")
 # logit scale moves log-probs by whole nats; kernel rounding stays far below these.
 _PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
 _PROBE_TOKENS = 64
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from nemo_infifpo.data.templates import (
     load_tokenizer,
 )
 from nemo_infifpo.locking import OutputLockedError
+from nemo_infifpo.models.architecture import parse_dtype
 from nemo_infifpo.scoring.backends import (
     BACKENDS,
     DTYPES,
@@ -46,7 +47,6 @@ from nemo_infifpo.scoring.backends import (
     ScoringBackend,
     create_backend,
     open_world,
-    parse_dtype,
 )
 from nemo_infifpo.scoring.batching import batch_stats, collate, plan_batches
 from nemo_infifpo.scoring.manifest import (
@@ -185,8 +185,7 @@ class ScoreConfig:
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        parse_dtype(self.dtype, allowed=DTYPES)
         if self.boundary not in BOUNDARY_MODES:
             raise ConfigError(
                 f"tokenizer.boundary must be one of {', '.join(BOUNDARY_MODES)}, got {self.boundary!r}"
@@ -373,7 +372,7 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
     backend = create_backend(
         config.backend,
         config.model_path,
-        dtype=parse_dtype(config.dtype),
+        dtype=parse_dtype(config.dtype, allowed=DTYPES),
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
         micro_batch_size=config.micro_batch_size,
