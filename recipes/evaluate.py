@@ -12,17 +12,18 @@ a rerun skips models whose results exist for the same settings. The work itself 
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_infifpo.logs import setup_logging
+
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     from nemo_infifpo.evaluation.config import ConfigError, parse_eval_config
 
     try:

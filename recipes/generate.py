@@ -7,16 +7,17 @@ The work itself is :func:`nemo_infifpo.generation.generate.run_generation`.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_infifpo.logs import setup_logging
+
 
 @hydra.main(config_path="../configs", config_name="generate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     from nemo_infifpo.data.errors import exit_on_input_error
     from nemo_infifpo.generation.generate import GenerateConfig, run_generation
     from nemo_infifpo.generation.outputs import OutputMismatchError

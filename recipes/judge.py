@@ -9,18 +9,17 @@ The work itself is :func:`nemo_infifpo.generation.judging.run_judge`.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_infifpo.logs import setup_logging
+
 
 @hydra.main(config_path="../configs", config_name="judge", version_base=None)
 def main(cfg: DictConfig) -> None:
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    setup_logging(ranks=True)
     import torch.distributed as dist
 
     from nemo_infifpo.data.errors import exit_on_input_error

@@ -11,10 +11,12 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_infifpo.logs import setup_logging
+
 
 @hydra.main(config_path="../configs", config_name="merge_scores", version_base=None)
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     from nemo_infifpo.data.errors import ConfigError, exit_on_input_error
     from nemo_infifpo.data.policy import RowPolicy
     from nemo_infifpo.scoring.merge import merge_scores

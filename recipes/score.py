@@ -6,25 +6,17 @@ Runs single-process with ``python recipes/score.py key=value ...`` and multi-ran
 
 from __future__ import annotations
 
-import logging
 import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-
-def _setup_logging() -> None:
-    # Rank 0 reports progress; the other ranks only speak up for warnings and errors.
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-    )
+from nemo_infifpo.logs import setup_logging
 
 
 @hydra.main(config_path="../configs", config_name="score", version_base=None)
 def main(cfg: DictConfig) -> None:
-    _setup_logging()
+    setup_logging(ranks=True)
     from nemo_infifpo.data.errors import exit_on_input_error
     from nemo_infifpo.scoring.backends import shutdown_distributed
     from nemo_infifpo.scoring.job import ScoreConfig, run_scoring

@@ -12,7 +12,6 @@ finish the current step, save a checkpoint and exit 0.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -25,18 +24,12 @@ STOP_SIGNALS = StopSignals().__enter__() if __name__ == "__main__" else None
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-
-def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-    )
+from nemo_infifpo.logs import setup_logging  # noqa: E402
 
 
 @hydra.main(config_path="../configs", config_name="infifpo_phi4", version_base=None)
 def main(cfg: DictConfig) -> None:
-    _setup_logging()
+    setup_logging(ranks=True)
     from nemo_infifpo.training.config import ConfigError, parse_config
 
     try:
