@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from nemo_infifpo.data.rows import PreferenceRow, rows_from_records
-from nemo_infifpo.data.scored_set import read_scored_set
+from nemo_infifpo.data.scored_set import ModelScores, read_scored_set
 from nemo_infifpo.data.templates import ExcludedRow
 from nemo_infifpo.scoring.manifest import ScoringIdentity, check_or_create_manifest, dataset_fingerprint
 from nemo_infifpo.scoring.merge import MergeError, merge_scores, report_path_for
@@ -66,10 +66,12 @@ def make_scores(
         ids = [r.id for r in shard_rows if r.id in means and r.id not in excluded]
         scores = ShardScores(
             ids=ids,
-            chosen_logps=np.array([means[i][0] * T for i in ids], dtype=np.float64),
-            rejected_logps=np.array([means[i][1] * T for i in ids], dtype=np.float64),
-            chosen_tokens=np.full(len(ids), T, dtype=np.int64),
-            rejected_tokens=np.full(len(ids), T, dtype=np.int64),
+            scores=ModelScores(
+                chosen_logps=np.array([means[i][0] * T for i in ids], dtype=np.float64),
+                rejected_logps=np.array([means[i][1] * T for i in ids], dtype=np.float64),
+                chosen_tokens=np.full(len(ids), T, dtype=np.int64),
+                rejected_tokens=np.full(len(ids), T, dtype=np.int64),
+            ),
         )
         gone = [
             ExcludedRow(r.id, "longer than max_length=4096 tokens", 5000, 10, 4096)
@@ -136,6 +138,22 @@ def test_merge_writes_training_set_and_report(setup) -> None:
     assert preview["clipped_fraction"]["overall"] == pytest.approx(0.5 / 5)
     assert preview["clipped_fraction"]["per_source"] == pytest.approx({"a": 0.1, "b": 0.1, "c": 0.1})
     assert set(report["sums"]) == {"mean_score", "clipped_fraction", "max_margin_selection"}
+
+
+def test_shard_files_keep_their_documented_columns(setup) -> None:
+    """The shard Parquet layout is a public contract (scoring/shards.py, README)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp_path, data, pivot, sources = setup
+    schema = pq.read_schema(pivot / f"{shard_name(0, 2)}.parquet")
+    assert [(f.name, f.type) for f in schema] == [
+        ("id", pa.string()),
+        ("chosen_logps", pa.float64()),
+        ("rejected_logps", pa.float64()),
+        ("chosen_tokens", pa.int64()),
+        ("rejected_tokens", pa.int64()),
+    ]
 
 
 def test_merge_is_deterministic(setup) -> None:
@@ -239,7 +257,7 @@ def test_id_scored_twice(setup) -> None:
         2,
         identity,
         ShardScores(
-            ids, np.full(len(ids), -5.0), np.full(len(ids), -6.0), np.full(len(ids), 3), np.full(len(ids), 4)
+            ids, ModelScores(np.full(len(ids), -5.0), np.full(len(ids), -6.0), np.full(len(ids), 3), np.full(len(ids), 4))
         ),
         [],
         len(second),
@@ -280,10 +298,12 @@ def test_zero_token_count(setup) -> None:
         identity,
         ShardScores(
             ids,
-            np.full(len(ids), -5.0),
-            np.full(len(ids), -6.0),
-            np.array([3] * (len(ids) - 1) + [0]),
-            np.full(len(ids), 4),
+            ModelScores(
+                np.full(len(ids), -5.0),
+                np.full(len(ids), -6.0),
+                np.array([3] * (len(ids) - 1) + [0]),
+                np.full(len(ids), 4),
+            ),
         ),
         [],
         len(shard),

@@ -78,7 +78,7 @@ def hf_runs(assets: SimpleNamespace) -> dict[str, Path]:
 
 def _by_id(directory: Path) -> tuple[dict, dict]:
     loaded = load_score_dir(directory, directory.name)
-    return loaded.scores, loaded.excluded
+    return {row_id: loaded.pair(row_id) for row_id in loaded.positions}, loaded.excluded
 
 
 def _assert_matches_reference(directory: Path, reference: dict) -> float:

@@ -177,8 +177,8 @@ def test_reasoning_templates_are_scorable(world, label, template, kwargs, bounda
         world, "qwen", data, world.root / f"reasoning_{label}",
         chat_template=template, chat_template_kwargs=kwargs, boundary=boundary,
     )
-    scores = load_score_dir(out, label).scores
-    assert set(scores) == {row["id"] for row in rows}
+    loaded = load_score_dir(out, label)
+    assert set(loaded.positions) == {row["id"] for row in rows}
 
     tokenizer = AutoTokenizer.from_pretrained(str(world.dirs["qwen"]), local_files_only=True)
     for row in rows:
@@ -199,6 +199,6 @@ def test_reasoning_templates_are_scorable(world, label, template, kwargs, bounda
                 )
                 response_text = full[len(prompt_text):]
         response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-        chosen_sum, _, chosen_tokens, _ = scores[row["id"]]
+        chosen_sum, _, chosen_tokens, _ = loaded.pair(row["id"])
         assert chosen_tokens == len(response_ids), (label, row["id"])
         assert abs(chosen_sum - _reference(world.dirs["qwen"], prompt_ids, response_ids)) <= TOLERANCE

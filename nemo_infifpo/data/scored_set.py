@@ -52,6 +52,7 @@ __all__ = [
     "METADATA_KEY",
     "PAPER_FORMAT",
     "NATIVE_FORMAT",
+    "SCORE_FIELDS",
     "ModelScores",
     "ScoredSet",
     "ScoredSetError",
@@ -68,13 +69,11 @@ NATIVE_FORMAT = "native"
 PAPER_FORMAT = "paper"
 
 _MESSAGE_COLUMNS = ("prompt", "chosen", "rejected")
-_REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens")
-_SOURCE_COLUMNS = (
-    "source_chosen_logps",
-    "source_rejected_logps",
-    "source_chosen_tokens",
-    "source_rejected_tokens",
-)
+# One model's scores of a pair (ModelScores' fields): the columns of a scoring shard, and with
+# ``ref_`` (the initial pivot p0) or ``source_`` in front, those of the scored set.
+SCORE_FIELDS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+_REF_COLUMNS = tuple(f"ref_{name}" for name in SCORE_FIELDS)
+_SOURCE_COLUMNS = tuple(f"source_{name}" for name in SCORE_FIELDS)
 NATIVE_COLUMNS: tuple[str, ...] = ("id", *_MESSAGE_COLUMNS, *_REF_COLUMNS, *_SOURCE_COLUMNS)
 
 # The paper's columns: (sum column, mean column) for each model side.
@@ -109,12 +108,17 @@ def package_version() -> str:
 
 @dataclass(frozen=True)
 class ModelScores:
-    """One model's log-prob sums and token counts, aligned with a list of rows."""
+    """One model's log-prob sums and token counts for a list of pairs, aligned with the rows:
+    arrays [B] for one model, or [B, N] for N sources side by side (the scored set's sources).
 
-    chosen_logps: np.ndarray  # float64 [B]
-    rejected_logps: np.ndarray  # float64 [B]
-    chosen_tokens: np.ndarray  # int64 [B]
-    rejected_tokens: np.ndarray  # int64 [B]
+    The one container of pair scores from the scoring job (a shard is ids + ModelScores,
+    ``scoring.shards.ShardScores``) through the merge to the scored set that training reads.
+    """
+
+    chosen_logps: np.ndarray  # float64 [B] or [B, N]
+    rejected_logps: np.ndarray  # float64
+    chosen_tokens: np.ndarray  # int64
+    rejected_tokens: np.ndarray  # int64
 
     @classmethod
     def from_lists(
@@ -130,6 +134,36 @@ class ModelScores:
             np.asarray(chosen_tokens, dtype=np.int64),
             np.asarray(rejected_tokens, dtype=np.int64),
         )
+
+    @classmethod
+    def from_columns(cls, columns: Mapping[str, Any], prefix: str = "") -> ModelScores:
+        """From the columns ``prefix + name`` for each name in :data:`SCORE_FIELDS`."""
+        return cls.from_lists(*(columns[prefix + name] for name in SCORE_FIELDS))
+
+    def columns(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """``{prefix + name: array}`` in :data:`SCORE_FIELDS` order (float64 sums, int64 counts)."""
+        return {
+            prefix + name: np.asarray(getattr(self, name), dtype=np.int64 if name.endswith("_tokens") else np.float64)
+            for name in SCORE_FIELDS
+        }
+
+    @classmethod
+    def concat(cls, parts: Sequence[ModelScores]) -> ModelScores:
+        """The pairs of ``parts``, one after the other."""
+        if not parts:
+            return cls.from_lists([], [], [], [])
+        return cls.from_lists(*(np.concatenate([getattr(p, name) for p in parts]) for name in SCORE_FIELDS))
+
+    @classmethod
+    def side_by_side(cls, models: Sequence[ModelScores], num_rows: int) -> ModelScores:
+        """N models' [B] scores as one [B, N] set (N = 0: [B, 0] arrays)."""
+        if not models:
+            return cls.from_lists(*(np.zeros((num_rows, 0)) for _ in SCORE_FIELDS))
+        return cls.from_lists(*(np.stack([getattr(m, name) for m in models], axis=1) for name in SCORE_FIELDS))
+
+    def take(self, index: Any) -> ModelScores:
+        """``index`` applied to every array: rows, or ``(slice(None), j)`` for source ``j``."""
+        return ModelScores(*(getattr(self, name)[index] for name in SCORE_FIELDS))
 
     def __len__(self) -> int:
         return int(self.chosen_logps.shape[0])
@@ -234,30 +268,10 @@ def write_scored_set(
         **dict(extra_metadata or {}),
     }
     num_sources = len(names)
-
-    def stacked(attr: str, dtype: Any) -> np.ndarray:
-        if num_sources == 0:
-            return np.zeros((n, 0), dtype=dtype)
-        return np.stack([getattr(s, attr) for s in sources], axis=1).astype(dtype)
-
-    src = {
-        "source_chosen_logps": stacked("chosen_logps", np.float64),
-        "source_rejected_logps": stacked("rejected_logps", np.float64),
-        "source_chosen_tokens": stacked("chosen_tokens", np.int64),
-        "source_rejected_tokens": stacked("rejected_tokens", np.int64),
-    }
+    ref_columns = ref.columns("ref_")
+    source_columns = ModelScores.side_by_side(sources, n).columns("source_")
     ids = [row.id for row in rows]
-    _validate(
-        str(path),
-        ids,
-        {
-            "ref_chosen_logps": np.asarray(ref.chosen_logps, dtype=np.float64),
-            "ref_rejected_logps": np.asarray(ref.rejected_logps, dtype=np.float64),
-            "ref_chosen_tokens": np.asarray(ref.chosen_tokens, dtype=np.int64),
-            "ref_rejected_tokens": np.asarray(ref.rejected_tokens, dtype=np.int64),
-            **src,
-        },
-    )
+    _validate(str(path), ids, {**ref_columns, **source_columns})
 
     schema = scored_set_schema(metadata)
 
@@ -272,14 +286,8 @@ def write_scored_set(
             pa.array([[dict(m) for m in getattr(row, name)] for row in rows], type=_message_type())
             for name in _MESSAGE_COLUMNS
         ),
-        pa.array(ref.chosen_logps, type=pa.float64()),
-        pa.array(ref.rejected_logps, type=pa.float64()),
-        pa.array(ref.chosen_tokens, type=pa.int64()),
-        pa.array(ref.rejected_tokens, type=pa.int64()),
-        list_column(src["source_chosen_logps"], pa.float64()),
-        list_column(src["source_rejected_logps"], pa.float64()),
-        list_column(src["source_chosen_tokens"], pa.int64()),
-        list_column(src["source_rejected_tokens"], pa.int64()),
+        *(pa.array(values, type=pa.from_numpy_dtype(values.dtype)) for values in ref_columns.values()),
+        *(list_column(values, pa.from_numpy_dtype(values.dtype)) for values in source_columns.values()),
     ]
     table = pa.Table.from_arrays(columns, schema=schema)
     return write_parquet_atomic(table, path)
@@ -298,8 +306,7 @@ class ScoredSet:
         format: str,
         rows: list[PreferenceRow],
         ref: ModelScores,
-        source_logps: tuple[np.ndarray, np.ndarray],
-        source_tokens: tuple[np.ndarray, np.ndarray],
+        sources: ModelScores,
         source_names: tuple[str, ...],
         metadata: dict[str, Any],
     ) -> None:
@@ -308,10 +315,9 @@ class ScoredSet:
         self.ids = [row.id for row in rows]
         self.source_names = source_names
         self.metadata = metadata
-        self.ref = ref
+        self.ref = ref  # the initial pivot p0: [B] arrays
+        self.sources = sources  # [B, N] arrays, sources in source_names order
         self._rows = rows
-        self._source_logps = source_logps  # ([B, N] chosen, [B, N] rejected), float64
-        self._source_tokens = source_tokens  # int64
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -341,8 +347,8 @@ class ScoredSet:
         return {
             "ref_chosen": torch.from_numpy(self.ref.chosen_tokens[index]),
             "ref_rejected": torch.from_numpy(self.ref.rejected_tokens[index]),
-            "source_chosen": torch.from_numpy(self._source_tokens[0][index]),
-            "source_rejected": torch.from_numpy(self._source_tokens[1][index]),
+            "source_chosen": torch.from_numpy(self.sources.chosen_tokens[index]),
+            "source_rejected": torch.from_numpy(self.sources.rejected_tokens[index]),
         }
 
     def scores(
@@ -366,21 +372,15 @@ class ScoredSet:
         return {
             "ref_chosen": score(self.ref.chosen_logps, "ref_chosen"),
             "ref_rejected": score(self.ref.rejected_logps, "ref_rejected"),
-            "source_chosen": score(self._source_logps[0], "source_chosen"),
-            "source_rejected": score(self._source_logps[1], "source_rejected"),
+            "source_chosen": score(self.sources.chosen_logps, "source_chosen"),
+            "source_rejected": score(self.sources.rejected_logps, "source_rejected"),
         }
 
     def source_scores(self, name: str) -> ModelScores:
         """The sums and counts of one source, by name."""
         if name not in self.source_names:
             raise KeyError(f"no source {name!r}; sources are {list(self.source_names)}")
-        j = self.source_names.index(name)
-        return ModelScores(
-            self._source_logps[0][:, j],
-            self._source_logps[1][:, j],
-            self._source_tokens[0][:, j],
-            self._source_tokens[1][:, j],
-        )
+        return self.sources.take((slice(None), self.source_names.index(name)))
 
 
 # --------------------------------------------------------------------------- reading
@@ -556,9 +556,8 @@ def _read_native(
         path=path,
         format=NATIVE_FORMAT,
         rows=rows,
-        ref=ModelScores(*(arrays[name] for name in _REF_COLUMNS)),
-        source_logps=(arrays["source_chosen_logps"], arrays["source_rejected_logps"]),
-        source_tokens=(arrays["source_chosen_tokens"], arrays["source_rejected_tokens"]),
+        ref=ModelScores.from_columns(arrays, "ref_"),
+        sources=ModelScores.from_columns(arrays, "source_"),
         source_names=names,
         metadata=meta,
     )
@@ -609,9 +608,8 @@ def _read_paper(
         path=path,
         format=PAPER_FORMAT,
         rows=rows,
-        ref=ModelScores(*(arrays[name] for name in _REF_COLUMNS)),
-        source_logps=(arrays["source_chosen_logps"], arrays["source_rejected_logps"]),
-        source_tokens=(arrays["source_chosen_tokens"], arrays["source_rejected_tokens"]),
+        ref=ModelScores.from_columns(arrays, "ref_"),
+        sources=ModelScores.from_columns(arrays, "source_"),
         source_names=names,
         metadata={"format": PAPER_FORMAT, "source_names": list(names)},
     )

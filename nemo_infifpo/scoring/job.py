@@ -32,7 +32,7 @@ import numpy as np
 from nemo_infifpo.data.errors import ConfigError, InputError
 from nemo_infifpo.data.policy import RowPolicy
 from nemo_infifpo.data.rows import PreferenceRow, read_preference_rows
-from nemo_infifpo.data.scored_set import package_version
+from nemo_infifpo.data.scored_set import ModelScores, package_version
 from nemo_infifpo.data.templates import (
     BOUNDARY_MODES,
     ResponseTokenizer,
@@ -496,10 +496,7 @@ def _score_shard(
         count_array = np.array([merged[i][1] for i in range(len(lengths))], dtype=np.int64)
         scores = ShardScores(
             ids=[row.id for row in usable],
-            chosen_logps=sums_array[0::2],
-            rejected_logps=sums_array[1::2],
-            chosen_tokens=count_array[0::2],
-            rejected_tokens=count_array[1::2],
+            scores=ModelScores(sums_array[0::2], sums_array[1::2], count_array[0::2], count_array[1::2]),
         )
         run_info = {
             "world_size": world.world_size,

@@ -20,12 +20,12 @@ each candidate (sources, then the pivot) wins the ``max_margin`` selection at st
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from nemo_infifpo.data.errors import InputError
@@ -41,7 +41,7 @@ from nemo_infifpo.scoring.manifest import (
     read_manifest,
     write_json_atomic,
 )
-from nemo_infifpo.scoring.shards import read_shard_scores, read_sidecar, shard_is_complete, shard_name
+from nemo_infifpo.scoring.shards import ShardScores, read_shard_scores, read_sidecar, shard_is_complete, shard_name
 
 __all__ = ["MergeError", "ModelScoreDir", "load_score_dir", "merge_scores", "report_path_for"]
 
@@ -62,9 +62,15 @@ class ModelScoreDir:
     path: Path
     identity: ScoringIdentity
     info: dict[str, Any]
-    scores: dict[str, tuple[float, float, int, int]]  # id -> (chosen sum, rejected sum, chosen T, rejected T)
+    scores: ModelScores  # every scored pair of all shards, in shard order
+    positions: dict[str, int]  # row id -> its index in ``scores``
     excluded: dict[str, RowExclusion]
     text_changes: dict[str, dict[str, Any]]  # kind -> {"count", "ids"} over all shards
+
+    def pair(self, row_id: str) -> tuple[float, float, int, int]:
+        """(chosen sum, rejected sum, chosen T, rejected T) of one scored row."""
+        one = self.scores.take(self.positions[row_id])
+        return float(one.chosen_logps), float(one.rejected_logps), int(one.chosen_tokens), int(one.rejected_tokens)
 
 
 def report_path_for(output_path: str | Path) -> Path:
@@ -115,7 +121,8 @@ def load_score_dir(directory: str | Path, name: str) -> ModelScoreDir:
             + " (rerun the scoring job with the same options to finish them)"
         )
 
-    scores: dict[str, tuple[float, float, int, int]] = {}
+    parts: list[ModelScores] = []
+    positions: dict[str, int] = {}
     excluded: dict[str, RowExclusion] = {}
     text_changes: dict[str, dict[str, Any]] = {}
     where: dict[str, str] = {}
@@ -124,18 +131,13 @@ def load_score_dir(directory: str | Path, name: str) -> ModelScoreDir:
         assert sidecar is not None
         file = sidecar.parquet_file
         shard = read_shard_scores(directory, sidecar)
-        for i, row_id in enumerate(shard.ids):
-            values = (
-                float(shard.chosen_logps[i]),
-                float(shard.rejected_logps[i]),
-                int(shard.chosen_tokens[i]),
-                int(shard.rejected_tokens[i]),
-            )
-            _check_values(label, file, row_id, values)
+        _check_values(label, file, shard)
+        for row_id in shard.ids:
             if row_id in where:
                 raise MergeError(f"{label}: {file}: id {row_id!r} scored twice (also in {where[row_id]})")
             where[row_id] = file
-            scores[row_id] = values
+            positions[row_id] = len(positions)
+        parts.append(shard.scores)
         for entry in sidecar.excluded:
             row_id = str(entry["id"])
             if row_id in where:
@@ -149,7 +151,8 @@ def load_score_dir(directory: str | Path, name: str) -> ModelScoreDir:
             total["count"] += int(change.get("count", 0))
             total["ids"] = sorted(set(total["ids"]) | set(change.get("ids", [])))[:5]
     return ModelScoreDir(
-        name, directory, identity, dict(manifest.get("info", {})), scores, excluded, text_changes
+        name, directory, identity, dict(manifest.get("info", {})), ModelScores.concat(parts), positions, excluded,
+        text_changes,
     )
 
 
@@ -170,18 +173,18 @@ def _exclusion(entry: dict[str, Any], model: str) -> RowExclusion:
     )
 
 
-def _check_values(label: str, file: str, row_id: str, values: tuple[float, float, int, int]) -> None:
-    names = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
-    for column, value in zip(names[:2], values[:2], strict=True):
-        if not math.isfinite(value):
-            raise MergeError(
-                f"{label}: {file}: id {row_id!r}, column {column!r}: non-finite log-prob sum {value!r}"
-            )
-    for column, value in zip(names[2:], values[2:], strict=True):
-        if value < 1:
-            raise MergeError(
-                f"{label}: {file}: id {row_id!r}, column {column!r}: token count {value} (must be >= 1)"
-            )
+def _check_values(label: str, file: str, shard: ShardScores) -> None:
+    """Finite sums and positive counts; the first bad value is named by id and column."""
+    for column, values in shard.scores.columns().items():
+        counts = column.endswith("_tokens")
+        bad = np.flatnonzero(values < 1 if counts else ~np.isfinite(values))
+        if bad.size == 0:
+            continue
+        i = int(bad[0])
+        where = f"{label}: {file}: id {shard.ids[i]!r}, column {column!r}"
+        if counts:
+            raise MergeError(f"{where}: token count {int(values[i])} (must be >= 1)")
+        raise MergeError(f"{where}: non-finite log-prob sum {float(values[i])!r}")
 
 
 def merge_scores(
@@ -242,9 +245,9 @@ def _merge(
     data_ids = {row.id for row in rows}
     for model in models:
         for row in rows:
-            if row.id not in model.scores and row.id not in model.excluded:
+            if row.id not in model.positions and row.id not in model.excluded:
                 raise MergeError(f"{model.name} ({model.path}): id {row.id!r} of {data_path} has no score")
-        extra = [i for i in list(model.scores) + list(model.excluded) if i not in data_ids]
+        extra = [i for i in list(model.positions) + list(model.excluded) if i not in data_ids]
         if extra:
             raise MergeError(f"{model.name} ({model.path}): id {extra[0]!r} is not in {data_path}")
 
@@ -271,8 +274,7 @@ def _merge(
         raise MergeError(f"every row of {data_path} was excluded by some model (max_length or invalid)")
 
     def aligned(model: ModelScoreDir) -> ModelScores:
-        values = [model.scores[row.id] for row in kept]
-        return ModelScores.from_lists(*zip(*values, strict=True))
+        return model.scores.take(np.array([model.positions[row.id] for row in kept], dtype=np.int64))
 
     ref = aligned(models[0])
     sources = [aligned(m) for m in models[1:]]

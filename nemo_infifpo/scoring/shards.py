@@ -26,14 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from nemo_infifpo.atomic import remove_stale_temporaries
 from nemo_infifpo.locking import OutputLock, OutputLockedError
 
 from nemo_infifpo.data.policy import MAX_LENGTH_REASON, RowExclusion
 from nemo_infifpo.data.rows import PreferenceRow
-from nemo_infifpo.data.scored_set import write_parquet_atomic
+from nemo_infifpo.data.scored_set import SCORE_FIELDS, ModelScores, write_parquet_atomic
 from nemo_infifpo.data.templates import ExcludedRow
 from nemo_infifpo.scoring.manifest import (
     MANIFEST_NAME,
@@ -58,7 +56,7 @@ __all__ = [
     "write_shard",
 ]
 
-SHARD_COLUMNS = ("id", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+SHARD_COLUMNS = ("id", *SCORE_FIELDS)
 SIDECAR_VERSION = 2
 # Ids listed per kind of text change; the count covers all of them.
 _TEXT_CHANGE_IDS = 5
@@ -84,13 +82,17 @@ def split_rows(rows: Sequence[PreferenceRow], count: int) -> list[list[Preferenc
 
 @dataclass(frozen=True)
 class ShardScores:
-    """Scores of the scored pairs of one shard (aligned arrays, id order)."""
+    """The scored pairs of one shard: their ids (id order) and one model's scores of them."""
 
     ids: list[str]
-    chosen_logps: np.ndarray
-    rejected_logps: np.ndarray
-    chosen_tokens: np.ndarray
-    rejected_tokens: np.ndarray
+    scores: ModelScores
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.scores):
+            raise ValueError(f"{len(self.ids)} ids but {len(self.scores)} scores")
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -162,10 +164,7 @@ def write_shard(
     table = pa.table(
         {
             "id": pa.array(scores.ids, type=pa.string()),
-            "chosen_logps": pa.array(np.asarray(scores.chosen_logps, dtype=np.float64)),
-            "rejected_logps": pa.array(np.asarray(scores.rejected_logps, dtype=np.float64)),
-            "chosen_tokens": pa.array(np.asarray(scores.chosen_tokens, dtype=np.int64)),
-            "rejected_tokens": pa.array(np.asarray(scores.rejected_tokens, dtype=np.int64)),
+            **{name: pa.array(values) for name, values in scores.scores.columns().items()},
         }
     )
     write_parquet_atomic(table, parquet_path)
@@ -281,10 +280,7 @@ def read_shard_scores(output_dir: str | Path, result: ShardResult) -> ShardScore
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
     return ShardScores(
         ids=[str(value) for value in table.column("id").to_pylist()],
-        chosen_logps=table.column("chosen_logps").to_numpy().astype(np.float64),
-        rejected_logps=table.column("rejected_logps").to_numpy().astype(np.float64),
-        chosen_tokens=table.column("chosen_tokens").to_numpy().astype(np.int64),
-        rejected_tokens=table.column("rejected_tokens").to_numpy().astype(np.int64),
+        scores=ModelScores.from_columns({name: table.column(name).to_numpy() for name in SCORE_FIELDS}),
     )
 
 
