@@ -17,7 +17,7 @@ from nemo_infifpo.loss import dpo_loss, infifpo_loss, sequence_scores
 from nemo_infifpo.engine.batches import first_fit_decreasing, pack_micro_batches, pad_micro_batches
 from nemo_infifpo.training.config import LossConfig
 from nemo_infifpo.logprobs import sequence_logprob_sums
-from nemo_infifpo.training.objective import Objective
+from nemo_infifpo.training.objective import Objective, StatLayout
 from nemo_infifpo.training.sampler import BatchPlan
 from nemo_infifpo.training.schedule import CosineSchedule
 from nemo_infifpo.training.signals import StopSignals, stop_signals_deferred
@@ -169,6 +169,24 @@ def test_sum_and_count_give_the_global_mean_whatever_the_split():
     merged = objective.summarize(sum(p[2] for p in parts))
     assert merged == pytest.approx(objective.summarize(whole_stats))
     assert sum(v for k, v in merged.items() if k.startswith("fusion/selected/")) == 6
+
+
+def test_stats_are_packed_and_read_back_by_name():
+    layout = StatLayout(("loss", "pairs", "weight/p0"))
+    packed = layout.pack({"pairs": torch.tensor(2), "weight/p0": torch.tensor(0.5), "loss": torch.tensor(1.5)})
+    assert packed.dtype == torch.float64 and packed.tolist() == [1.5, 2.0, 0.5]
+    assert layout.unpack(packed + packed) == {"loss": 3.0, "pairs": 4.0, "weight/p0": 1.0}
+    with pytest.raises(KeyError, match="do not match the layout"):
+        layout.pack({"loss": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="layout of 3 names"):
+        layout.unpack(torch.zeros(2))
+    # The objective's vector follows its layout: each named sum is where the layout says.
+    objective = Objective(LossConfig(), ("q", "l"))
+    sums, counts, scores = _objective_inputs(4)
+    loss_sum, _, stats = objective(sums, counts, 4, scores)
+    named = objective.stats.unpack(stats)
+    assert named["loss"] == pytest.approx(float(loss_sum)) and named["pairs"] == 4.0
+    assert named["weight/q"] + named["weight/l"] + named["weight/p0"] == pytest.approx(4.0)
 
 
 def test_sft_objective_is_token_mean_nll():

@@ -129,7 +129,7 @@ class MegatronInfiFPOModel(ModelPT):
         from megatron.core import parallel_state
 
         device = next(self.module.parameters()).device
-        total = torch.zeros(len(self.objective.stat_names), dtype=torch.float64, device=device)
+        total = torch.zeros(len(self.objective.stats), dtype=torch.float64, device=device)
         for reduced in losses_reduced:  # empty except on the last pipeline stage
             total += reduced["stats"].to(device)
         dp_group = parallel_state.get_data_parallel_group()

@@ -17,20 +17,24 @@ dpo         ``dpo_loss``: DPO with reference p0 (sources ignored)
 sft         cross-entropy of the chosen response, averaged over its tokens (count = tokens)
 ==========  ===============================================================================
 
-Besides the loss, each call returns a vector of sums (:attr:`stat_names`) that the loop
-reduces the same way, for the step's metrics.
+Besides the loss, each call returns a vector of sums that the loop reduces the same way, for
+the step's metrics: one float64 tensor (megatron's schedule sums it), laid out by a
+:class:`StatLayout`, which names every position; the objective packs it by name and
+:meth:`Objective.summarize` unpacks it by name.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from nemo_infifpo.loss import dpo_loss, infifpo_loss, sequence_scores
 from nemo_infifpo.training.config import LossConfig
 
-__all__ = ["PIVOT_CANDIDATE", "Objective"]
+__all__ = ["PIVOT_CANDIDATE", "Objective", "StatLayout"]
 
 PIVOT_CANDIDATE = "p0"  # name of the initial pivot as a fusion candidate in the metrics
 
@@ -48,6 +52,29 @@ _PAIR_STATS = (
 _SFT_STATS = ("loss", "tokens", "sequences")
 
 
+@dataclass(frozen=True)
+class StatLayout:
+    """The names of the positions of a micro-batch's stats vector, in order."""
+
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def pack(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One float64 vector of the scalar ``values``, every name of the layout exactly once.
+        Stays on the values' device (no host synchronisation)."""
+        if set(values) != set(self.names):
+            raise KeyError(f"stats {sorted(values)} do not match the layout {list(self.names)}")
+        return torch.stack([values[name].double() for name in self.names])
+
+    def unpack(self, totals: torch.Tensor) -> dict[str, float]:
+        """A packed (and summed) vector as ``{name: value}``."""
+        if totals.shape != (len(self.names),):
+            raise ValueError(f"stats of shape {tuple(totals.shape)} for a layout of {len(self.names)} names")
+        return dict(zip(self.names, totals.double().tolist(), strict=True))
+
+
 class Objective:
     """Per-micro-batch loss of the configured ``loss.type`` (see the module docstring)."""
 
@@ -61,6 +88,9 @@ class Objective:
             self.candidates = tuple(source_names) + ((PIVOT_CANDIDATE,) if loss.include_pivot else ())
         else:
             self.candidates = ()
+        self.stats = StatLayout(
+            _SFT_STATS if self.is_sft else _PAIR_STATS + tuple(f"weight/{c}" for c in self.candidates)
+        )
 
     @property
     def is_sft(self) -> bool:
@@ -68,9 +98,7 @@ class Objective:
 
     @property
     def stat_names(self) -> tuple[str, ...]:
-        if self.is_sft:
-            return _SFT_STATS
-        return _PAIR_STATS + tuple(f"weight/{c}" for c in self.candidates)
+        return self.stats.names
 
     def __call__(
         self,
@@ -93,7 +121,7 @@ class Objective:
         if self.is_sft:
             nll = -logp_sums.sum()
             tokens = token_counts.sum()
-            stats = torch.stack([nll.detach().double(), tokens.double(), pairs])
+            stats = self.stats.pack({"loss": nll.detach(), "tokens": tokens, "sequences": pairs})
             return nll, tokens.to(torch.int32), stats
 
         c = self.config
@@ -123,26 +151,25 @@ class Objective:
         weights = metrics["weights"].double()
         # Confidence fusion weighs chosen and rejected separately ([B, 2, K]): report their mean.
         weight_sums = weights.mean(dim=1).sum(dim=0) if weights.dim() == 3 else weights.sum(dim=0)
-        row_sums = torch.stack(
-            [
-                losses.detach().double().sum(),
-                pairs,
-                metrics["reward_chosen"].double().sum(),
-                metrics["reward_rejected"].double().sum(),
-                metrics["margin"].double().sum(),
-                metrics["accuracy"].double().sum(),
-                metrics["clipped_fraction"].double().sum(),
-                chosen.detach().double().sum(),
-                rejected.detach().double().sum(),
-            ]
+        stats = self.stats.pack(
+            {
+                "loss": losses.detach().double().sum(),
+                "pairs": pairs,
+                **{
+                    name: metrics[name].double().sum()
+                    for name in ("reward_chosen", "reward_rejected", "margin", "accuracy", "clipped_fraction")
+                },
+                "policy_chosen": chosen.detach().double().sum(),
+                "policy_rejected": rejected.detach().double().sum(),
+                **{f"weight/{name}": weight_sums[k] for k, name in enumerate(self.candidates)},
+            }
         )
-        stats = torch.cat([row_sums, weight_sums])
         count = torch.full((), num_pairs, dtype=torch.int32, device=device)
         return losses.sum(), count, stats
 
     def summarize(self, totals: torch.Tensor) -> dict[str, float]:
         """Step metrics from the stats summed over the global batch."""
-        values = dict(zip(self.stat_names, totals.double().tolist()))
+        values = self.stats.unpack(totals)
         if not math.isfinite(values["loss"]):
             return {"loss": values["loss"]}
         if self.is_sft:
