@@ -39,7 +39,7 @@ def test_phi4_config_has_the_paper_hyperparameters():
 def test_sft_and_tiny_configs():
     sft = parse_config(load_yaml("sft_phi4"))
     assert (sft.loss.type, sft.trainer.max_epochs, sft.optim.lr) == ("sft", 3, 1e-6)
-    assert not sft.needs_reference_scores
+    assert not sft.needs_p0_scores
     tiny = parse_config(load_yaml("infifpo_tiny"))
     assert tiny.model.precision == "fp32" and tiny.model.tensor_model_parallel_size * tiny.model.pipeline_model_parallel_size <= 2
 

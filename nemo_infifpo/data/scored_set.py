@@ -225,7 +225,7 @@ def write_parquet_atomic(table: Any, path: str | Path) -> Path:
 def write_scored_set(
     path: str | Path,
     rows: Sequence[PreferenceRow],
-    ref: ModelScores,
+    p0: ModelScores,
     sources: Sequence[ModelScores],
     *,
     source_names: Sequence[str],
@@ -236,7 +236,8 @@ def write_scored_set(
 ) -> Path:
     """Write the training set (native format) atomically; returns ``path``.
 
-    ``ref`` and each of ``sources`` must be aligned with ``rows``; ``sources`` and
+    ``p0`` (the initial pivot's scores, written as the ``ref_*`` columns) and each of
+    ``sources`` must be aligned with ``rows``; ``sources`` and
     ``source_names`` (and ``source_fingerprints`` when given) share one order. The same
     validation as :func:`read_scored_set` runs first, so a file that was written can be read.
     """
@@ -251,7 +252,7 @@ def write_scored_set(
     if source_fingerprints is not None and len(source_fingerprints) != len(names):
         raise ScoredSetError(f"{len(source_fingerprints)} source_fingerprints for {len(names)} sources")
     n = len(rows)
-    for label, scores in [("pivot", ref), *zip(names, sources, strict=True)]:
+    for label, scores in [("pivot", p0), *zip(names, sources, strict=True)]:
         if len(scores) != n:
             raise ScoredSetError(f"scores of {label!r} have {len(scores)} rows, expected {n}")
 
@@ -268,7 +269,7 @@ def write_scored_set(
         **dict(extra_metadata or {}),
     }
     num_sources = len(names)
-    ref_columns = ref.columns("ref_")
+    ref_columns = p0.columns("ref_")
     source_columns = ModelScores.side_by_side(sources, n).columns("source_")
     ids = [row.id for row in rows]
     _validate(str(path), ids, {**ref_columns, **source_columns})
@@ -305,7 +306,7 @@ class ScoredSet:
         path: Path,
         format: str,
         rows: list[PreferenceRow],
-        ref: ModelScores,
+        p0: ModelScores,
         sources: ModelScores,
         source_names: tuple[str, ...],
         metadata: dict[str, Any],
@@ -315,7 +316,7 @@ class ScoredSet:
         self.ids = [row.id for row in rows]
         self.source_names = source_names
         self.metadata = metadata
-        self.ref = ref  # the initial pivot p0: [B] arrays
+        self.p0 = p0  # the initial pivot's scores (the ref_* columns): [B] arrays
         self.sources = sources  # [B, N] arrays, sources in source_names order
         self._rows = rows
 
@@ -345,8 +346,8 @@ class ScoredSet:
         [B, N]: each model's own response token counts ``T_m(y)``."""
         index = self._index(indices)
         return {
-            "ref_chosen": torch.from_numpy(self.ref.chosen_tokens[index]),
-            "ref_rejected": torch.from_numpy(self.ref.rejected_tokens[index]),
+            "ref_chosen": torch.from_numpy(self.p0.chosen_tokens[index]),
+            "ref_rejected": torch.from_numpy(self.p0.rejected_tokens[index]),
             "source_chosen": torch.from_numpy(self.sources.chosen_tokens[index]),
             "source_rejected": torch.from_numpy(self.sources.rejected_tokens[index]),
         }
@@ -370,8 +371,8 @@ class ScoredSet:
             return sequence_scores(tensor, counts[key], length_norm=length_norm).to(dtype)
 
         return {
-            "ref_chosen": score(self.ref.chosen_logps, "ref_chosen"),
-            "ref_rejected": score(self.ref.rejected_logps, "ref_rejected"),
+            "ref_chosen": score(self.p0.chosen_logps, "ref_chosen"),
+            "ref_rejected": score(self.p0.rejected_logps, "ref_rejected"),
             "source_chosen": score(self.sources.chosen_logps, "source_chosen"),
             "source_rejected": score(self.sources.rejected_logps, "source_rejected"),
         }
@@ -556,7 +557,7 @@ def _read_native(
         path=path,
         format=NATIVE_FORMAT,
         rows=rows,
-        ref=ModelScores.from_columns(arrays, "ref_"),
+        p0=ModelScores.from_columns(arrays, "ref_"),
         sources=ModelScores.from_columns(arrays, "source_"),
         source_names=names,
         metadata=meta,
@@ -608,7 +609,7 @@ def _read_paper(
         path=path,
         format=PAPER_FORMAT,
         rows=rows,
-        ref=ModelScores.from_columns(arrays, "ref_"),
+        p0=ModelScores.from_columns(arrays, "ref_"),
         sources=ModelScores.from_columns(arrays, "source_"),
         source_names=names,
         metadata={"format": PAPER_FORMAT, "source_names": list(names)},

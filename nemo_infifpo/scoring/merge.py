@@ -276,7 +276,7 @@ def _merge(
     def aligned(model: ModelScoreDir) -> ModelScores:
         return model.scores.take(np.array([model.positions[row.id] for row in kept], dtype=np.int64))
 
-    ref = aligned(models[0])
+    p0 = aligned(models[0])
     sources = [aligned(m) for m in models[1:]]
 
     def fingerprints(model: ModelScoreDir) -> dict[str, Any]:
@@ -291,7 +291,7 @@ def _merge(
     write_scored_set(
         output_path,
         kept,
-        ref,
+        p0,
         sources,
         source_names=names,
         pivot_fingerprints=fingerprints(models[0]),

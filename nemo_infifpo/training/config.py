@@ -213,8 +213,8 @@ class TrainConfig:
     seed: int = 1234
 
     @property
-    def needs_reference_scores(self) -> bool:
-        """Every loss but SFT compares the pivot with precomputed scores."""
+    def needs_p0_scores(self) -> bool:
+        """Every loss but SFT compares the pivot with the initial pivot p0's precomputed scores."""
         return self.loss.type != "sft"
 
     @property

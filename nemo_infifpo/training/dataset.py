@@ -55,7 +55,7 @@ class TrainingData:
     # ref_rejected [N]; source_chosen, source_rejected [N, S]. Empty for SFT on plain rows.
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     # p0's own response token counts T_p0 [N] (chosen, rejected), for the parity report.
-    ref_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+    p0_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
     source_names: tuple[str, ...] = ()
     excluded: list[ExcludedRow] = field(default_factory=list)
     _cache: dict[int, TokenizedPair] = field(default_factory=dict, repr=False)
@@ -99,7 +99,7 @@ def _read(config: TrainConfig):
     try:
         scored = read_scored_set(path)
     except ScoredSetError as error:
-        if config.needs_reference_scores:
+        if config.needs_p0_scores:
             raise ConfigError(
                 f"data.path={str(path)!r} is not a scored training set ({error}); loss.type="
                 f"{config.loss.type!r} needs one (recipes/score.py + recipes/merge_scores.py)"
@@ -166,7 +166,7 @@ def check_scoring_setup(config: TrainConfig, pivot: dict) -> None:
     by far more than fp32 rounding). A difference is named with its fix instead of surfacing
     later as a parity failure; with ``trainer.step0_parity_check=false`` it is only logged.
     """
-    if not config.needs_reference_scores or not pivot:
+    if not config.needs_p0_scores or not pivot:
         return
     m = config.model
     wanted = _PRECISION_DTYPE[m.precision]
@@ -267,10 +267,10 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         lengths=lengths[keep],
         excluded=excluded,
     )
-    if scored is not None and config.needs_reference_scores:
+    if scored is not None and config.needs_p0_scores:
         scores = scored.scores(config.loss.length_norm, keep.numpy(), dtype=torch.float64)
         counts = scored.token_counts(keep.numpy())
         data.scores = scores
-        data.ref_tokens = (counts["ref_chosen"], counts["ref_rejected"])
+        data.p0_tokens = (counts["ref_chosen"], counts["ref_rejected"])
         data.source_names = tuple(scored.source_names)
     return data

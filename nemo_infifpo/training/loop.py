@@ -220,7 +220,7 @@ def _train(config: TrainConfig, callbacks: Sequence[Callable[[StepContext], None
         # ---- step-0 parity: the pivot must reproduce the precomputed p0 scores
         forward_backward = get_forward_backward_func()
         parity = None
-        if state.step == 0 and config.trainer.step0_parity_check and config.needs_reference_scores:
+        if state.step == 0 and config.trainer.step0_parity_check and config.needs_p0_scores:
             # Step 1's own micro-batches through the training forward (forward only).
             first = _micro_batches(config, data, plan.rank_share(0, info.dp_rank), pad_multiple=pad_multiple, te=te)
             report = check_step0_parity(

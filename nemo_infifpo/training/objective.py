@@ -128,19 +128,21 @@ class Objective:
         # Response token counts are >= 1 by construction (templates.py), so no check here.
         policy = sequence_scores(logp_sums, token_counts, length_norm=c.length_norm, check_counts=False)
         chosen, rejected = policy[:num_pairs], policy[num_pairs:]
-        ref = {k: v.to(device, non_blocking=True) for k, v in scores.items()}
+        # The pairs' precomputed scores: the initial pivot p0's (``ref_*``, named after the
+        # scored-set columns) and the sources'.
+        precomputed = {k: v.to(device, non_blocking=True) for k, v in scores.items()}
         if c.type == "dpo":
             losses, metrics = dpo_loss(
-                chosen, rejected, ref["ref_chosen"], ref["ref_rejected"], beta=c.beta, check_finite=False
+                chosen, rejected, precomputed["ref_chosen"], precomputed["ref_rejected"], beta=c.beta, check_finite=False
             )
         else:
             losses, metrics = infifpo_loss(
                 chosen,
                 rejected,
-                ref["ref_chosen"],
-                ref["ref_rejected"],
-                ref["source_chosen"],
-                ref["source_rejected"],
+                precomputed["ref_chosen"],
+                precomputed["ref_rejected"],
+                precomputed["source_chosen"],
+                precomputed["source_rejected"],
                 beta=c.beta,
                 fusion=c.fusion,
                 clip=c.clip,

@@ -119,8 +119,8 @@ def check_step0_parity(
         recomputed = sequence_scores(sums.double(), counts, length_norm=length_norm)
         index = torch.as_tensor(rows, dtype=torch.long)
         precomputed = torch.cat([data.scores["ref_chosen"][index], data.scores["ref_rejected"][index]])
-        assert data.ref_tokens is not None
-        pre_tokens = torch.cat([data.ref_tokens[0][index], data.ref_tokens[1][index]])
+        assert data.p0_tokens is not None
+        pre_tokens = torch.cat([data.p0_tokens[0][index], data.p0_tokens[1][index]])
         mine.extend(
             ParityRow(
                 id=data.rows[rows[k % m]].id,
