@@ -134,6 +134,25 @@ def test_megatron_recipe_matches_transformers_and_hf(
     assert gap <= TOLERANCE
     assert all(megatron[i][2:] == hf[i][2:] for i in hf)
 
+    # batch.packing=true: the same scores from packed micro-batches.
+    packed_output = assets.root / "single" / "pivot_megatron_packed"
+    run_score_recipe(
+        score_args(
+            assets.dirs["pivot"],
+            assets.data,
+            packed_output,
+            model__backend="megatron",
+            data__max_length=PIVOT_MAX_LENGTH,
+            batch__max_tokens=MAX_TOKENS,
+            batch__packing="true",
+        )
+    )
+    packed, _ = _by_id(packed_output)
+    assert packed.keys() == megatron.keys()
+    assert all(packed[i][2:] == megatron[i][2:] for i in megatron)
+    assert max(abs(packed[i][k] - megatron[i][k]) for i in megatron for k in (0, 1)) <= TOLERANCE
+    assert json.loads((packed_output / "shard-00000-of-00001.json").read_text())["run"]["packing"] is True
+
 
 def _merge(assets: SimpleNamespace, pivot: Path, qwen: Path, llama: Path, out: Path):
     merge_scores(assets.data, pivot, [qwen, llama], out, source_names=["qwen", "llama"])

@@ -161,6 +161,14 @@ def test_score_config_from_hydra() -> None:
         "bfloat16",
     )
     config.validate()
+    assert config.packing is False and config.pack_length is None  # the documented defaults
+    packed = ScoreConfig.from_mapping(OmegaConf.to_container(
+        _compose("score", ["model.path=/m", "data.path=/d", "output_dir=/o", "batch.packing=true", "batch.pack_length=8192"]),
+        resolve=True))
+    assert (packed.packing, packed.pack_length) == (True, 8192)
+    with pytest.raises(ValueError, match="batch.packing must be true or false, got 'yes'"):
+        ScoreConfig.from_mapping(OmegaConf.to_container(
+            _compose("score", ["model.path=/m", "data.path=/d", "output_dir=/o", "batch.packing=yes"]), resolve=True))
 
     with pytest.raises(ValueError, match="model.path, output_dir"):
         ScoreConfig.from_mapping(OmegaConf.to_container(_compose("score", ["data.path=/d"]), resolve=True))
@@ -168,6 +176,8 @@ def test_score_config_from_hydra() -> None:
         (dict(shard_index=4, shard_count=4), r"shard.index must be in \[0, 4\)"),
         (dict(backend="vllm"), "model.backend"),
         (dict(dtype="float16"), "dtype must be one of"),
+        (dict(backend="hf", packing=True), "batch.packing=true needs model.backend=megatron"),
+        (dict(max_length=512, pack_length=256), r"batch.pack_length must be >= data.max_length \(512\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             ScoreConfig(model_path="m", data_path="d", output_dir="o", **bad).validate()

@@ -1,8 +1,10 @@
 """Micro-batches: the one batch format of every forward pass (scoring, step-0 parity, training).
 
-Training and parity build them from tokenized pairs (below); scoring and the token-level
-checks from right-padded ``[B, S]`` tokens (:func:`padded_micro_batches`). Either way the
-forward pass is :func:`nemo_infifpo.engine.forward.forward_step`.
+Training and parity build them from tokenized pairs (:func:`pad_micro_batches`,
+:func:`pack_micro_batches`); scoring and the token-level checks from right-padded ``[B, S]``
+tokens (:func:`padded_micro_batches`, :func:`packed_micro_batches`). Padded or packed, both
+kinds fill their rows and bins with the same code, and the forward pass is
+:func:`nemo_infifpo.engine.forward.forward_step`.
 
 A micro-batch holds whole pairs: the chosen and the rejected sequence of a pair always go
 through the same forward pass (the loss needs both scores of a row together). Sequences are
@@ -39,6 +41,7 @@ __all__ = [
     "padded_micro_batches",
     "first_fit_decreasing",
     "pack_micro_batches",
+    "packed_micro_batches",
     "pad_micro_batches",
     "padded_length",
 ]
@@ -100,15 +103,26 @@ def _sequences(pairs: Sequence[TokenizedPair], chosen_only: bool) -> list[Tokeni
     return seqs if chosen_only else seqs + [p.rejected for p in pairs]
 
 
+def _token_tensors(seq: TokenizedSequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tokenized sequence as ``(ids [n], scored [n])``: scored = a response token."""
+    ids = torch.tensor(seq.input_ids, dtype=torch.long)
+    return ids, torch.arange(len(ids)) >= seq.response_start
+
+
 def _fill_targets(
-    seq: TokenizedSequence, number: int, start: int, labels: torch.Tensor, mask: torch.Tensor, index: torch.Tensor
+    ids: torch.Tensor,
+    scored: torch.Tensor,
+    number: int,
+    start: int,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    index: torch.Tensor,
 ) -> None:
     """Write one sequence's targets into a row, from column ``start``."""
-    ids = torch.tensor(seq.input_ids, dtype=torch.long)
-    n = len(seq.input_ids)
+    n = len(ids)
     # Position t predicts token t + 1, scored when that token is a response token.
     labels[start : start + n - 1] = ids[1:]
-    mask[start + seq.response_start - 1 : start + n - 1] = True
+    mask[start : start + n - 1] = scored[1:]
     index[start : start + n - 1] = number
 
 
@@ -151,8 +165,9 @@ def pad_micro_batches(
         loss_mask = torch.zeros(b, seq_length, dtype=torch.bool)
         sequence_index = torch.zeros(b, seq_length, dtype=torch.long)
         for k, seq in enumerate(seqs):
-            input_ids[k, : len(seq)] = torch.tensor(seq.input_ids, dtype=torch.long)
-            _fill_targets(seq, k, 0, labels[k], loss_mask[k], sequence_index[k])
+            ids, scored = _token_tensors(seq)
+            input_ids[k, : len(ids)] = ids
+            _fill_targets(ids, scored, k, 0, labels[k], loss_mask[k], sequence_index[k])
         batches.append(
             MicroBatch(
                 input_ids=input_ids,
@@ -207,53 +222,108 @@ def pack_micro_batches(
         group = [pairs[i] for i in members]
         group_rows = [rows[i] for i in members]
         m = len(group)
-        input_ids = torch.full((bin_length,), PAD_ID, dtype=torch.long)
-        position_ids = torch.zeros(bin_length, dtype=torch.long)
-        labels = torch.full((bin_length,), PAD_ID, dtype=torch.long)
-        loss_mask = torch.zeros(bin_length, dtype=torch.bool)
-        sequence_index = torch.zeros(bin_length, dtype=torch.long)
-        # Each sequence may only see itself: a causal mask restricted to its block. Padding at
-        # the end of the bin gets its own block (it is never scored).
-        blocked = torch.ones(bin_length, bin_length, dtype=torch.bool)
-        boundaries = [0]
-        cursor = 0
         # Layout inside a bin: chosen_j, rejected_j, chosen_k, rejected_k, ...
         placed = []
         for j, pair in enumerate(group):
-            placed.append((pair.chosen, j))
+            placed.append((*_token_tensors(pair.chosen), j))
             if not chosen_only:
-                placed.append((pair.rejected, m + j))
-        for seq, number in placed:
-            n = len(seq)
-            input_ids[cursor : cursor + n] = torch.tensor(seq.input_ids, dtype=torch.long)
-            position_ids[cursor : cursor + n] = torch.arange(n)
-            _fill_targets(seq, number, cursor, labels, loss_mask, sequence_index)
-            blocked[cursor : cursor + n, cursor : cursor + n] = torch.ones(n, n, dtype=torch.bool).triu(1)
-            cursor += n
-            boundaries.append(cursor)
-        if cursor < bin_length:
-            tail = bin_length - cursor
-            blocked[cursor:, cursor:] = torch.ones(tail, tail, dtype=torch.bool).triu(1)
-            position_ids[cursor:] = torch.arange(tail)
-            boundaries.append(bin_length)
-        batch = MicroBatch(
-            input_ids=input_ids.unsqueeze(0),
-            position_ids=position_ids.unsqueeze(0),
-            labels=labels.unsqueeze(0),
-            loss_mask=loss_mask.unsqueeze(0),
-            sequence_index=sequence_index.unsqueeze(0),
-            num_pairs=m,
-            num_sequences=m if chosen_only else 2 * m,
-            num_tokens=cursor,
-            row_indices=group_rows,
-            scores=_slice_scores(scores, group_rows),
+                placed.append((*_token_tensors(pair.rejected), m + j))
+        batches.append(
+            _packed_bin(
+                placed,
+                bin_length,
+                num_pairs=m,
+                row_indices=group_rows,
+                scores=_slice_scores(scores, group_rows),
+                use_transformer_engine=use_transformer_engine,
+            )
         )
-        if use_transformer_engine:
-            batch.packed_seq_params = _thd_params(boundaries)
-        else:
-            batch.attention_mask = blocked.view(1, 1, bin_length, bin_length)
-        batches.append(batch)
     return batches
+
+
+def packed_micro_batches(
+    tokens: torch.Tensor, response_mask: torch.Tensor, *, bin_length: int, use_transformer_engine: bool = False
+) -> list[MicroBatch]:
+    """Right-padded ``tokens`` ``[B, S]`` with ``response_mask`` (as for
+    :func:`padded_micro_batches`) packed into bins of ``bin_length`` tokens, one micro-batch
+    per bin, by first-fit decreasing. A row's sequence ends at its last response token (the
+    padding after it is dropped). Sequence ``k`` of a bin is row ``row_indices[k]``."""
+    if tokens.dim() != 2 or tokens.shape != response_mask.shape:
+        raise ValueError("tokens and response_mask must both be [B, S]")
+    tokens, mask = tokens.long().cpu(), response_mask.bool().cpu()
+    if bool(mask[:, 0].any()):
+        raise ValueError("response_mask marks token 0, which has no context to be predicted from")
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("every row needs at least one response token to be packed")
+    positions = torch.arange(tokens.size(1))
+    lengths = (torch.where(mask, positions, -1).max(dim=1).values + 1).tolist()
+    batches = []
+    for members in first_fit_decreasing(lengths, bin_length):
+        placed = [(tokens[r, : lengths[r]], mask[r, : lengths[r]], k) for k, r in enumerate(members)]
+        batches.append(
+            _packed_bin(
+                placed,
+                bin_length,
+                num_pairs=0,
+                row_indices=list(members),
+                scores={},
+                use_transformer_engine=use_transformer_engine,
+            )
+        )
+    return batches
+
+
+def _packed_bin(
+    placed: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+    bin_length: int,
+    *,
+    num_pairs: int,
+    row_indices: list[int],
+    scores: dict[str, torch.Tensor],
+    use_transformer_engine: bool,
+) -> MicroBatch:
+    """One ``[1, bin_length]`` micro-batch of ``placed`` = ``(ids, scored, sequence number)``,
+    one after the other, each with its own positions and attention restricted to itself."""
+    input_ids = torch.full((bin_length,), PAD_ID, dtype=torch.long)
+    position_ids = torch.zeros(bin_length, dtype=torch.long)
+    labels = torch.full((bin_length,), PAD_ID, dtype=torch.long)
+    loss_mask = torch.zeros(bin_length, dtype=torch.bool)
+    sequence_index = torch.zeros(bin_length, dtype=torch.long)
+    # Each sequence may only see itself: a causal mask restricted to its block. Padding at
+    # the end of the bin gets its own block (it is never scored).
+    blocked = torch.ones(bin_length, bin_length, dtype=torch.bool)
+    boundaries = [0]
+    cursor = 0
+    for ids, scored, number in placed:
+        n = len(ids)
+        input_ids[cursor : cursor + n] = ids
+        position_ids[cursor : cursor + n] = torch.arange(n)
+        _fill_targets(ids, scored, number, cursor, labels, loss_mask, sequence_index)
+        blocked[cursor : cursor + n, cursor : cursor + n] = torch.ones(n, n, dtype=torch.bool).triu(1)
+        cursor += n
+        boundaries.append(cursor)
+    if cursor < bin_length:
+        tail = bin_length - cursor
+        blocked[cursor:, cursor:] = torch.ones(tail, tail, dtype=torch.bool).triu(1)
+        position_ids[cursor:] = torch.arange(tail)
+        boundaries.append(bin_length)
+    batch = MicroBatch(
+        input_ids=input_ids.unsqueeze(0),
+        position_ids=position_ids.unsqueeze(0),
+        labels=labels.unsqueeze(0),
+        loss_mask=loss_mask.unsqueeze(0),
+        sequence_index=sequence_index.unsqueeze(0),
+        num_pairs=num_pairs,
+        num_sequences=len(placed),
+        num_tokens=cursor,
+        row_indices=row_indices,
+        scores=scores,
+    )
+    if use_transformer_engine:
+        batch.packed_seq_params = _thd_params(boundaries)
+    else:
+        batch.attention_mask = blocked.view(1, 1, bin_length, bin_length)
+    return batch
 
 
 def _thd_params(boundaries: list[int]) -> Any:

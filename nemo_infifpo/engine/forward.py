@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from nemo_infifpo.engine.batches import MicroBatch, causal_attention_mask, padded_micro_batches
+from nemo_infifpo.engine.batches import MicroBatch, causal_attention_mask, packed_micro_batches, padded_micro_batches
 from nemo_infifpo.logprobs import check_target_ids, sequence_logprob_sums, vocab_parallel_token_logprobs
 
 __all__ = [
@@ -27,10 +27,17 @@ __all__ = [
     "forward_only",
     "forward_step",
     "sequence_logprobs",
+    "uses_transformer_engine",
 ]
 
 # head(batch, logits) -> what the pipeline schedule expects from a loss function.
 Head = Callable[[MicroBatch, torch.Tensor], Any]
+
+
+def uses_transformer_engine(model: torch.nn.Module) -> bool:
+    """Whether ``model`` was built with the Transformer Engine layer spec (which fuses the
+    norms into the next GEMM: ``...layer_norm_weight``); packed batches then use THD."""
+    return any("layer_norm_weight" in name for name, _ in model.named_parameters())
 
 
 def sequence_logprobs(batch: MicroBatch, logits: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +145,7 @@ def compute_sequence_logprobs(
     micro_batch_size: int,
     vocab_size: int,
     return_token_logprobs: bool = False,
+    pack_length: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Sum of response-token log-probs per sequence of a right-padded batch, on every rank.
 
@@ -149,18 +157,37 @@ def compute_sequence_logprobs(
         vocab_size: real vocabulary size (padding columns of the output layer get p = 0).
         return_token_logprobs: also return ``[B, S]`` float32 per-token log-probs aligned with
             ``tokens`` (entry ``t`` = log p(tokens[t] | tokens[<t]); 0 outside the mask).
+        pack_length: pack the sequences (each ending at its last response token) into bins of
+            this many tokens instead of padding them (:func:`~nemo_infifpo.engine.batches.
+            packed_micro_batches`; THD with Transformer Engine); ``micro_batch_size`` is then
+            unused. Not with ``return_token_logprobs``.
 
     Returns:
         ``(sums float32 [B], counts int64 [B])`` (plus the token log-probs if asked), on the
-        CPU, the same on every rank: :func:`forward_only` on
-        :func:`~nemo_infifpo.engine.batches.padded_micro_batches`.
+        CPU, the same on every rank: :func:`forward_only` on the micro-batches.
     """
     batch_size = tokens.size(0)
-    micro = padded_micro_batches(tokens, response_mask, micro_batch_size=micro_batch_size)
-    counts = torch.cat([b.loss_mask.sum(dim=-1) for b in micro])[:batch_size].to(torch.int64)
+    if pack_length is not None:
+        if return_token_logprobs:
+            raise ValueError("token-level log-probs are computed on padded micro-batches only")
+        chunk = _chunks(model)[0]
+        micro = packed_micro_batches(
+            tokens, response_mask, bin_length=pack_length, use_transformer_engine=uses_transformer_engine(chunk)
+        )
+    else:
+        micro = padded_micro_batches(tokens, response_mask, micro_batch_size=micro_batch_size)
     if not return_token_logprobs:
-        sums = torch.cat(forward_only(model, micro, vocab_size=vocab_size))[:batch_size]
+        sums = torch.zeros(batch_size, dtype=torch.float32)
+        counts = torch.zeros(batch_size, dtype=torch.int64)
+        for batch, values in zip(micro, forward_only(model, micro, vocab_size=vocab_size), strict=True):
+            # Sequence k of a micro-batch is row row_indices[k] (rows >= B fill the last one).
+            rows = torch.tensor(batch.row_indices, dtype=torch.long)
+            keep = rows < batch_size
+            per_sequence = torch.bincount(batch.sequence_index[batch.loss_mask], minlength=batch.num_sequences)
+            sums[rows[keep]] = values[keep]
+            counts[rows[keep]] = per_sequence[keep]
         return sums, counts
+    counts = torch.cat([b.loss_mask.sum(dim=-1) for b in micro])[:batch_size].to(torch.int64)
     token_logps = torch.cat(forward_only(model, micro, vocab_size=vocab_size, token_level=True))[:batch_size]
     sums = token_logps.sum(dim=-1)
     # Re-align to `tokens`: the log-prob of token t was computed at position t - 1.

@@ -6,9 +6,10 @@ Both take a right-padded batch ``tokens`` [B, S] with a ``response_mask`` [B, S]
 
 - ``megatron``: :func:`nemo_infifpo.engine.forward.compute_sequence_logprobs` on a model loaded
   with :func:`nemo_infifpo.models.checkpoint.load_megatron_model` (HF directory or imported
-  checkpoint), with tensor / pipeline / data parallelism. Because training reads the pivot's
-  step-0 log-probs through the same function, the precomputed ``p0`` scores equal the
-  training forward at step 0.
+  checkpoint), with tensor / pipeline / data parallelism, on padded micro-batches or, with
+  ``batch.packing=true``, packed ones (the builder training's packing shares). Because
+  training reads the pivot's step-0 log-probs through the same forward pass, the precomputed
+  ``p0`` scores equal the training forward at step 0.
 - ``hf``: ``transformers.AutoModelForCausalLM``, for architectures the engine does not cover
   (e.g. Gemma-3); every rank holds the whole model and scores its own slice of the batches.
   Log-probs come from the final hidden states with
@@ -147,12 +148,16 @@ class MegatronBackend:
         pipeline_model_parallel_size: int = 1,
         dtype: torch.dtype = torch.bfloat16,
         micro_batch_size: int | None = None,
+        packing: bool = False,
+        pack_length: int | None = None,
     ) -> None:
         from nemo_infifpo.models.checkpoint import load_megatron_model
 
         self.world = open_world("megatron", tensor_model_parallel_size, pipeline_model_parallel_size)
         self._pipeline_size = pipeline_model_parallel_size
         self._micro_batch_size = micro_batch_size
+        self._packing = packing
+        self._pack_length = pack_length
         loaded = load_megatron_model(
             model_path,
             tensor_model_parallel_size,
@@ -175,12 +180,16 @@ class MegatronBackend:
         from nemo_infifpo.engine.forward import compute_sequence_logprobs
 
         _check_token_range(tokens, self.vocab_size, self._model_path)
+        micro = self._micro(tokens.size(0))
+        # Packed: bins of batch.pack_length tokens, by default what one padded micro-batch holds.
+        pack_length = (self._pack_length or micro * tokens.size(1)) if self._packing else None
         sums, counts = compute_sequence_logprobs(
             self.model,
             tokens,
             response_mask,
-            micro_batch_size=self._micro(tokens.size(0)),
+            micro_batch_size=micro,
             vocab_size=self.vocab_size,
+            pack_length=pack_length,
         )
         return sums.float().cpu(), counts.cpu()
 
@@ -364,6 +373,8 @@ def create_backend(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     micro_batch_size: int | None = None,
+    packing: bool = False,
+    pack_length: int | None = None,
     hf_logits: str = "auto",
 ) -> ScoringBackend:
     if backend == "megatron":
@@ -373,6 +384,8 @@ def create_backend(
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             dtype=dtype,
             micro_batch_size=micro_batch_size,
+            packing=packing,
+            pack_length=pack_length,
         )
     if backend == "hf":
         if tensor_model_parallel_size != 1 or pipeline_model_parallel_size != 1:
@@ -380,5 +393,7 @@ def create_backend(
                 "the hf back end is data-parallel only: set model.tensor_model_parallel_size=1 and "
                 "model.pipeline_model_parallel_size=1 (or use model.backend=megatron)"
             )
+        if packing:
+            raise ConfigError("batch.packing=true needs model.backend=megatron (the hf back end pads)")
         return HFBackend(model_path, dtype=dtype, logits_mode=hf_logits)
     raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

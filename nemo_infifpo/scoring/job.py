@@ -94,6 +94,8 @@ class ScoreConfig:
     max_tokens: int = 16384
     max_sequences: int | None = None
     micro_batch_size: int | None = None
+    packing: bool = False
+    pack_length: int | None = None
     pad_to_multiple_of: int = 8
     shard_index: int | None = None
     shard_count: int = 1
@@ -121,6 +123,11 @@ class ScoreConfig:
 
         def optional_int(key: str, value: Any) -> int | None:
             return None if value is None else integer(key, value)
+
+        def boolean(key: str, value: Any) -> bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} must be true or false, got {value!r}")
+            return value
 
         model, data, tokenizer = section("model"), section("data"), section("tokenizer")
         batch, shard, hf = section("batch"), section("shard"), section("hf")
@@ -166,6 +173,8 @@ class ScoreConfig:
             max_tokens=integer("batch.max_tokens", batch.get("max_tokens", 16384)),
             max_sequences=optional_int("batch.max_sequences", batch.get("max_sequences")),
             micro_batch_size=optional_int("batch.micro_batch_size", batch.get("micro_batch_size")),
+            packing=boolean("batch.packing", batch.get("packing", False)),
+            pack_length=optional_int("batch.pack_length", batch.get("pack_length")),
             pad_to_multiple_of=integer("batch.pad_to_multiple_of", batch.get("pad_to_multiple_of", 8)),
             shard_index=optional_int("shard.index", shard.get("index")),
             shard_count=integer("shard.count", shard.get("count", 1)),
@@ -203,6 +212,15 @@ class ScoreConfig:
             raise ConfigError(f"shard.index must be in [0, {self.shard_count}), got {self.shard_index}")
         if self.max_tokens < 1:
             raise ConfigError(f"batch.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.packing and self.backend != "megatron":
+            raise ConfigError("batch.packing=true needs model.backend=megatron (the hf back end pads)")
+        if self.pack_length is not None and (
+            self.pack_length < 2 or (self.max_length is not None and self.pack_length < self.max_length)
+        ):
+            raise ConfigError(
+                f"batch.pack_length must be >= data.max_length ({self.max_length}) so that every "
+                f"sequence fits a bin, got {self.pack_length}"
+            )
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"data.max_length must be >= 2 (or null), got {self.max_length}")
         self.policy  # validates data.on_invalid_row and data.max_excluded_fraction
@@ -376,6 +394,8 @@ def run_scoring(config: ScoreConfig) -> ScoringSummary:
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
         micro_batch_size=config.micro_batch_size,
+        packing=config.packing,
+        pack_length=config.pack_length,
         hf_logits=config.hf_logits,
     )
     locks: list[Any] = []
@@ -505,6 +525,7 @@ def _score_shard(
             "pipeline_model_parallel_size": config.pipeline_model_parallel_size,
             "batches": stats.num_batches,
             "max_tokens": config.max_tokens,
+            "packing": config.packing,
             "padding_fraction": round(stats.padding_fraction, 6),
         }
         write_shard(

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo.core.classes import ModelPT
 from nemo_infifpo.engine.batches import MicroBatch
-from nemo_infifpo.engine.forward import forward_step, sequence_logprobs
+from nemo_infifpo.engine.forward import forward_step, sequence_logprobs, uses_transformer_engine
 from nemo_infifpo.training.config import TrainConfig, config_to_dict
 from nemo_infifpo.training.objective import Objective
 
@@ -98,8 +98,7 @@ class MegatronInfiFPOModel(ModelPT):
 
     @property
     def uses_transformer_engine(self) -> bool:
-        # The TE layer spec fuses the norms into the next GEMM (`...layer_norm_weight`).
-        return any("layer_norm_weight" in name for name, _ in self.module.named_parameters())
+        return uses_transformer_engine(self.module)
 
     # ------------------------------------------------------------------ forward
 
