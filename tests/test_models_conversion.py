@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from nemo_infifpo.models.checkpoint import (
     HF_ASSETS_DIR,
@@ -32,24 +30,9 @@ from nemo_infifpo.models.errors import (
     WeightShapeError,
 )
 from nemo_infifpo.models.hf_io import SAFETENSORS_INDEX, ShardedSafetensorsWriter, parse_size
-from nemo_infifpo.testing.models import save_tiny_hf_model
 
 
-@pytest.fixture(scope="module")
-def world_of_one() -> Iterator[None]:
-    """A one-process gloo world with megatron's groups at TP=PP=1, torn down afterwards."""
-    from nemo_infifpo.engine.distributed import destroy_distributed, init_distributed
-
-    already = dist.is_initialized()
-    init_distributed(1, 1, device="cpu")
-    yield
-    if not already:
-        destroy_distributed()
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_hf_model("llama", tmp_path_factory.mktemp("hf") / "llama")
+# world_of_one and tiny_llama: tests/conftest.py
 
 
 @pytest.fixture

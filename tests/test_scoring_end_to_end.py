@@ -109,11 +109,8 @@ def test_hf_backend_matches_plain_transformers(assets: SimpleNamespace, hf_runs:
     assert "long" not in _by_id(hf_runs["pivot"])[1]
 
 
-@pytest.mark.slow
-def test_megatron_recipe_matches_transformers_and_hf(
-    assets: SimpleNamespace, hf_runs: dict[str, Path]
-) -> None:
-    output = assets.root / "single" / "pivot_megatron"
+def _score_pivot_with_megatron(assets: SimpleNamespace, output: Path, **options) -> Path:
+    """``python recipes/score.py`` on the pivot with the megatron back end."""
     run_score_recipe(
         score_args(
             assets.dirs["pivot"],
@@ -122,8 +119,17 @@ def test_megatron_recipe_matches_transformers_and_hf(
             model__backend="megatron",
             data__max_length=PIVOT_MAX_LENGTH,
             batch__max_tokens=MAX_TOKENS,
+            **options,
         )
     )
+    return output
+
+
+@pytest.mark.slow
+def test_megatron_recipe_matches_transformers_and_hf(
+    assets: SimpleNamespace, hf_runs: dict[str, Path]
+) -> None:
+    output = _score_pivot_with_megatron(assets, assets.root / "single" / "pivot_megatron")
     error = _assert_matches_reference(output, assets.references["pivot"])
     print("max abs error vs transformers (megatron back end):", error)
     megatron, _ = _by_id(output)
@@ -135,17 +141,8 @@ def test_megatron_recipe_matches_transformers_and_hf(
     assert all(megatron[i][2:] == hf[i][2:] for i in hf)
 
     # batch.packing=true: the same scores from packed micro-batches.
-    packed_output = assets.root / "single" / "pivot_megatron_packed"
-    run_score_recipe(
-        score_args(
-            assets.dirs["pivot"],
-            assets.data,
-            packed_output,
-            model__backend="megatron",
-            data__max_length=PIVOT_MAX_LENGTH,
-            batch__max_tokens=MAX_TOKENS,
-            batch__packing="true",
-        )
+    packed_output = _score_pivot_with_megatron(
+        assets, assets.root / "single" / "pivot_megatron_packed", batch__packing="true"
     )
     packed, _ = _by_id(packed_output)
     assert packed.keys() == megatron.keys()
@@ -178,16 +175,7 @@ def test_sharded_and_two_rank_runs_give_the_same_training_set(
 ) -> None:
     single_pivot = assets.root / "single" / "pivot_megatron"
     if not (single_pivot / "manifest.json").exists():  # when run on its own
-        run_score_recipe(
-            score_args(
-                assets.dirs["pivot"],
-                assets.data,
-                single_pivot,
-                model__backend="megatron",
-                data__max_length=PIVOT_MAX_LENGTH,
-                batch__max_tokens=MAX_TOKENS,
-            )
-        )
+        _score_pivot_with_megatron(assets, single_pivot)
     single = _merge(assets, single_pivot, hf_runs["qwen"], hf_runs["llama"], assets.root / "single.parquet")
     assert "long" not in single.ids and len(single) == len(ROWS) - 1
 

@@ -1,39 +1,20 @@
 """Megatron scoring on packed micro-batches gives the per-sequence scores of padded ones
-(one process, a tiny Llama on the CPU); a packing without the block-diagonal mask does not."""
+(one process, a tiny Llama on the CPU); a packing without the block-diagonal mask does not.
+Fixtures world_of_one and tiny_llama: tests/conftest.py."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from nemo_infifpo.engine.batches import causal_attention_mask, packed_micro_batches
 from nemo_infifpo.engine.forward import compute_sequence_logprobs, forward_only
 from nemo_infifpo.scoring.batching import collate
 from nemo_infifpo.data.templates import TokenizedSequence
-from nemo_infifpo.testing.models import save_tiny_hf_model
 
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def world_of_one() -> Iterator[None]:
-    from nemo_infifpo.engine.distributed import destroy_distributed, init_distributed
-
-    already = dist.is_initialized()
-    init_distributed(1, 1, device="cpu")
-    yield
-    if not already:
-        destroy_distributed()
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_hf_model("llama", tmp_path_factory.mktemp("hf") / "llama")
 
 
 def _batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
