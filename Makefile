@@ -13,7 +13,7 @@ STAMP := $(VENV)/.nemo-infifpo-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo demo-seeds demo-sweep clean
 
 setup: $(STAMP)
 
@@ -34,9 +34,17 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 DEMO_ARGS ?=
-# The whole pipeline on tiny CPU models (about 5 min on 2 cores) -> demo-output/report.md
+# The paper's recipe on tiny CPU models (about 5 min on 2 cores) -> demo-output/report.md
 demo: setup
 	$(BIN)/python recipes/demo.py $(DEMO_ARGS)
 
+# The demo over seeds 0, 1, 2 (about 3 x 5 min) -> demo-output-seeds/seeds.md (quoted in the README)
+demo-seeds: setup
+	$(BIN)/python recipes/demo_seeds.py --seeds 0 1 2 -- $(DEMO_ARGS)
+
+# How the demo's settings were chosen, on validation prompts -> demo-output-sweep/sweep.md (docs/DEMO_SWEEP.md)
+demo-sweep: setup
+	$(BIN)/python recipes/demo_sweep.py -- $(DEMO_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis demo-output demo-output-ci
+	rm -rf $(VENV) .pytest_cache .hypothesis demo-output demo-output-ci demo-output-seeds demo-output-sweep

@@ -1,13 +1,14 @@
-"""The offline demo: a tiny fusion world through the whole pipeline on CPU (``make demo``).
+"""The offline demo: the paper's recipe in a tiny world, on CPU (``make demo``).
 
     python recipes/demo.py                              # configs/demo.yaml -> demo-output/
     python recipes/demo.py --config-name demo_ci        # the reduced configuration CI runs
     python recipes/demo.py seed=1 output_dir=/tmp/demo  # any key of configs/demo.yaml
 
-Builds two specialist sources and a weak pivot (different families, tokenizers and chat
-templates), then runs the real stages as subprocesses -- SFT, export, scoring, merge, InfiFPO
-and DPO training under torchrun, export, evaluation -- and writes ``report.md``,
-``summary.json`` and plots into ``output_dir``. See nemo_infifpo/demo/.
+Makes two specialist sources and a weak pivot (different families, tokenizers and chat
+templates), then runs the recipe's stages as subprocesses of their entry points -- generate,
+judge, build pairs, SFT, export, scoring, merge, InfiFPO and DPO under torchrun, export,
+lm-eval evaluation -- and writes ``report.md``, ``summary.json`` and plots into ``output_dir``.
+See nemo_infifpo/demo/.
 """
 
 from __future__ import annotations

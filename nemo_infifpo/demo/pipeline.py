@@ -1,9 +1,12 @@
-"""The demo pipeline: every stage is the entry point the cluster runs, as a subprocess.
+"""The demo pipeline: the paper's recipe in miniature, every stage the entry point a cluster runs.
 
-    world ─► sft/<model> (torchrun, loss.type=sft) ─► export/<model> (HF)
-          ─► pairs (rejected = p0's own mistakes) ─► score/<model> ─► merge
-          ─► train/infifpo, train/dpo (torchrun, TP/PP=2) ─► export/infifpo, export/dpo
-          ─► eval/<model> (transformers, on the exported checkpoints) ─► report
+    world ─► origin/<model>: the world's models (the pivot before fusion; specialist sources)
+          ─► export/<model> ─► generate/<model> (pivot 8, sources 4 samples at T=0.8)
+          ─► judge (function judge: the world's checker) ─► pairs (half SFT, half preference)
+          ─► sft (stage 1, SFT half) ─► export/p0
+          ─► score/p0, score/<source> (preference half) ─► merge
+          ─► train/infifpo, train/dpo (torchrun, TP=2) ─► export/infifpo, export/dpo
+          ─► eval/before, eval/after (recipes/evaluate.py, lm-eval tasks of the world) ─► report
 
 Stages form a small dependency graph run by :func:`run_stages` on ``parallel_jobs`` CPU
 slots: a torchrun stage takes ``nproc`` slots, any other stage one, and each process runs one
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemo_infifpo.demo.config import DemoConfig, ModelSpec
+from nemo_infifpo.demo.config import DemoConfig, ModelSpec, PreferenceConfig, TrainConfig
 from nemo_infifpo.demo.world import WorldFiles
 
 __all__ = ["Stage", "StageFailed", "StageResult", "run_demo", "run_stages"]
@@ -44,8 +47,10 @@ log = logging.getLogger("nemo_infifpo.demo")
 MARKER = ".nemo-infifpo-demo"  # written into output_dir: only such a directory is ever replaced
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
-# The three preference-trained / initial pivots evaluated against each other.
-PIVOT_BEFORE, DPO, INFIFPO = "p0", "dpo", "infifpo"
+# The pivot after stage-1 SFT, and after each preference objective (see config.RESERVED_NAMES).
+P0, DPO, INFIFPO = "p0", "dpo", "infifpo"
+# The function judge of the world (recipes/judge.py judge.type=function).
+JUDGE = "nemo_infifpo.demo.world:check_answer"
 
 
 # --------------------------------------------------------------------------- stages
@@ -268,34 +273,38 @@ class Layout:
     def world(self) -> Path:
         return self.root / "world"
 
-    def sft_run(self, name: str) -> Path:
-        return self.root / "runs" / f"sft-{name}"
+    def origin_run(self, name: str) -> Path:
+        return self.root / "runs" / f"origin-{name}"
 
     def hf(self, name: str) -> Path:
         return self.root / "models" / "hf" / name
 
-    def scores(self, name: str) -> Path:
-        return self.root / "scores" / name
-
-    def pairs(self, split: str, config: DemoConfig) -> Path:
-        """The preference pairs scoring, training and evaluation use (``split``: train | heldout)."""
-        if config.world.rejected == "synthetic":
-            return self.world / "data" / f"pairs_{split}.jsonl"
-        return self.root / "data" / f"pairs_{split}.jsonl"
+    def generation(self, name: str) -> Path:
+        return self.root / "generation" / name
 
     @property
-    def pairs_stats(self) -> Path:
-        return self.root / "data" / "pairs.json"
+    def judge(self) -> Path:
+        return self.root / "judge"
+
+    @property
+    def pairs(self) -> Path:
+        """recipes/build_pairs.py output: sft.jsonl, pairs.jsonl, report.json."""
+        return self.root / "pairs"
+
+    def scores(self, name: str) -> Path:
+        return self.root / "scores" / name
 
     @property
     def scored_set(self) -> Path:
         return self.root / "data" / "train.scored.parquet"
 
-    def pref_run(self, name: str) -> Path:
+    def run(self, name: str) -> Path:
+        """Training runs of the recipe: ``sft`` (-> p0), ``infifpo``, ``dpo``."""
         return self.root / "runs" / name
 
-    def evaluation(self, name: str) -> Path:
-        return self.root / "eval" / f"{name}.json"
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "eval"
 
     @property
     def logs(self) -> Path:
@@ -315,118 +324,143 @@ def template_overrides(spec: ModelSpec) -> list[str]:
     return [f"tokenizer.chat_template_kwargs={{{pairs}}}"]
 
 
-def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[Stage]:
-    """All stages after the world is built, in priority order."""
-    specs: list[ModelSpec] = [config.pivot, *config.sources]
-    world_models, sft_data = world.model_dirs, world.sft_data
-    pairs_train, pairs_heldout = layout.pairs("train", config), layout.pairs("heldout", config)
-    nproc = config.nproc
-    stages: list[Stage] = []
+def _listing(values: Sequence[Any]) -> str:
+    return "[" + ",".join(str(v) for v in values) + "]"
 
-    # 1. SFT: each model learns its skill mix (the sources become specialists, the pivot a
-    #    weak generalist: the paper's stage-1 SFT model p0).
-    for spec in specs:
-        sft = spec.sft
-        run = layout.sft_run(spec.name)
-        args = [
-            *_TRAIN_COMMON, f"model.path={world_models[spec.name]}", f"data.path={sft_data[spec.name]}", f"output_dir={run}",
-            "loss.type=sft", "model.tensor_model_parallel_size=1", "model.pipeline_model_parallel_size=1",
-            f"model.micro_batch_size={sft.micro_batch_size}", f"model.global_batch_size={sft.global_batch_size}",
-            f"trainer.max_steps={sft.steps}", f"optim.lr={sft.lr}", f"optim.min_lr={sft.min_lr}",
-            f"optim.warmup_fraction={sft.warmup_fraction}", f"seed={config.seed}", *template_overrides(spec),
-        ]
-        stages.append(Stage(f"sft/{spec.name}", lambda a=args: _torchrun(nproc, "train_infifpo.py", a), slots=nproc))
 
-    # 2. Export each SFT model to HF: the sources are then what they are on a cluster (HF
-    #    directories), and the pivot's export is p0, what InfiFPO/DPO start from and score with.
-    for spec in specs:
-        out = layout.hf(PIVOT_BEFORE if spec is config.pivot else spec.name)
-        run = layout.sft_run(spec.name)
-        stages.append(
-            Stage(
-                f"export/{spec.name}",
-                lambda r=run, o=out: _python("export_hf.py", [f"checkpoint_path={latest_checkpoint(r)}", f"output_path={o}", "overwrite=true"]),
-                deps=(f"sft/{spec.name}",),
-            )
-        )
-
-    # 3. The pairs' rejected side: p0's own wrong answers (the paper samples y_l from the pivot).
-    pairs_deps: tuple[str, ...] = ()
-    if config.world.rejected == "pivot":
-        pairs_args = [
-            "-m", "nemo_infifpo.demo.pairs", "--model", str(layout.hf(PIVOT_BEFORE)),
-            "--inputs", str(world.pairs_train), str(world.pairs_heldout), "--outputs", str(pairs_train), str(pairs_heldout),
-            "--stats", str(layout.pairs_stats), "--max-new-tokens", str(config.evaluation.max_new_tokens),
-            "--batch-size", str(config.evaluation.batch_size),
-        ]
-        stages.append(Stage("pairs", lambda: [sys.executable, *pairs_args], deps=(f"export/{config.pivot.name}",)))
-        pairs_deps = ("pairs",)
-
-    # 4. Score p0 and every source on the training pairs, each with its own tokenizer/template.
-    for spec in specs:
-        model_dir = layout.hf(PIVOT_BEFORE if spec is config.pivot else spec.name)
-        args = [
-            f"model.path={model_dir}", f"model.backend={spec.score_backend}", f"data.path={pairs_train}",
-            f"output_dir={layout.scores(spec.name)}", "dtype=float32", "data.max_length=120", "progress=false",
-            *template_overrides(spec),
-        ]
-        stages.append(Stage(f"score/{spec.name}", lambda a=args: _python("score.py", a), deps=(f"export/{spec.name}", *pairs_deps)))
-
-    # 5. Merge into the scored training set (sources in config order).
-    source_names = [s.name for s in config.sources]
-    merge_args = [
-        f"data.path={pairs_train}", f"pivot_dir={layout.scores(config.pivot.name)}",
-        "source_dirs=[" + ",".join(str(layout.scores(n)) for n in source_names) + "]",
-        "source_names=[" + ",".join(source_names) + "]", f"output_path={layout.scored_set}",
+def supervised_args(config: DemoConfig, spec: ModelSpec, train: TrainConfig, *, model: Path, data: Path, output: Path) -> list[str]:
+    """recipes/train_infifpo.py arguments of a supervised (loss.type=sft) run, data parallel."""
+    return [
+        *_TRAIN_COMMON, f"model.path={model}", f"data.path={data}", f"output_dir={output}",
+        "loss.type=sft", "model.tensor_model_parallel_size=1", "model.pipeline_model_parallel_size=1",
+        f"model.micro_batch_size={train.micro_batch_size}", f"model.global_batch_size={train.global_batch_size}",
+        f"trainer.max_steps={train.steps}", f"optim.lr={train.lr}", f"optim.min_lr={train.min_lr}",
+        f"optim.warmup_fraction={train.warmup_fraction}", f"seed={config.seed}", *template_overrides(spec),
     ]
-    stages.append(Stage("merge", lambda: _python("merge_scores.py", merge_args), deps=tuple(f"score/{s.name}" for s in specs)))
 
-    # 6. Evaluate the models that exist before preference training (overlaps with scoring).
-    evaluation = config.evaluation
 
-    def eval_stage(name: str, deps: tuple[str, ...]) -> Stage:
-        args = [
-            "-m", "nemo_infifpo.demo.evaluate", "--model", str(layout.hf(name)), "--name", name,
-            "--data", str(pairs_heldout), "--output", str(layout.evaluation(name)),
-            "--max-new-tokens", str(evaluation.max_new_tokens), "--batch-size", str(evaluation.batch_size),
-            "--examples", str(evaluation.examples_per_skill),
-        ]
-        return Stage(f"eval/{name}", lambda: [sys.executable, *args], deps=(*deps, *pairs_deps))
-
-    stages.append(eval_stage(PIVOT_BEFORE, (f"export/{config.pivot.name}",)))
-    for spec in config.sources:
-        stages.append(eval_stage(spec.name, (f"export/{spec.name}",)))
-
-    # 7. InfiFPO and the DPO baseline: same pivot p0, data, layout, steps and optimiser.
-    p = config.preference
-    common = [
-        *_TRAIN_COMMON, f"model.path={layout.hf(PIVOT_BEFORE)}", f"data.path={layout.scored_set}",
+def preference_args(config: DemoConfig, layout: Layout, loss: str, output: Path, p: PreferenceConfig | None = None) -> list[str]:
+    """recipes/train_infifpo.py arguments of the InfiFPO or DPO run from p0 (``p``: the
+    preference settings, default the config's)."""
+    p = p or config.preference
+    args = [
+        *_TRAIN_COMMON, f"model.path={layout.hf(P0)}", f"data.path={layout.scored_set}",
         f"model.tensor_model_parallel_size={p.tensor_model_parallel_size}",
         f"model.pipeline_model_parallel_size={p.pipeline_model_parallel_size}",
         f"model.micro_batch_size={p.micro_batch_size}", f"model.global_batch_size={p.global_batch_size}",
         f"trainer.max_steps={p.steps}", f"optim.lr={p.lr}", f"optim.min_lr={p.min_lr}",
         f"optim.warmup_fraction={p.warmup_fraction}", f"loss.beta={p.beta}", f"loss.length_norm={str(p.length_norm).lower()}",
         f"loss.fusion={p.fusion}", f"loss.clip={str(p.clip).lower()}", f"loss.include_pivot={str(p.include_pivot).lower()}",
-        f"seed={config.seed}", *template_overrides(config.pivot), *p.overrides,
+        f"seed={config.seed}", *template_overrides(config.pivot), *p.overrides, f"loss.type={loss}", f"output_dir={output}",
     ]
-    runs = {
-        INFIFPO: [*common, "loss.type=infifpo", f"output_dir={layout.pref_run(INFIFPO)}"],
-        DPO: [*common, "loss.type=dpo", f"output_dir={layout.pref_run(DPO)}", *p.dpo_overrides],
-    }
-    for name, args in runs.items():
+    return args + (list(p.dpo_overrides) if loss == DPO else [])
+
+
+def export_stage(name: str, run: Path, output: Path, dep: str) -> Stage:
+    return Stage(
+        f"export/{name}",
+        lambda: _python("export_hf.py", [f"checkpoint_path={latest_checkpoint(run)}", f"output_path={output}", "overwrite=true"]),
+        deps=(dep,),
+    )
+
+
+def evaluate_args(config: DemoConfig, layout: Layout, world: WorldFiles, models: Sequence[str], output: Path, split: str) -> list[str]:
+    """recipes/evaluate.py on the world's tasks of ``split`` (greedy, exact match, chat template)."""
+    listing = ", ".join(f"{{name: {name}, path: '{layout.hf(name)}'}}" for name in models)
+    return [
+        f"models=[{listing}]", f"tasks={_listing(world.task_names(split))}", f"include_path={world.tasks}",
+        f"output_dir={output}", f"batch_size={config.evaluation.batch_size}", "dtype=float32", "device=cpu",
+        "log_samples=true",
+    ]
+
+
+def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[Stage]:
+    """All stages after the world is built, in priority order."""
+    specs: list[ModelSpec] = [config.pivot, *config.sources]
+    sources = [s.name for s in config.sources]
+    nproc = config.nproc
+    stages: list[Stage] = []
+
+    # 1. The world's models: each learns its skill mix from correct answers (the sources
+    #    become specialists, the pivot a weak generalist), and is exported to HF: from here on
+    #    they are what they are on a cluster, HF directories.
+    for spec in specs:
+        run = layout.origin_run(spec.name)
+        args = supervised_args(config, spec, spec.origin, model=world.model_dirs[spec.name], data=world.origin_data[spec.name], output=run)
+        stages.append(Stage(f"origin/{spec.name}", lambda a=args: _torchrun(nproc, "train_infifpo.py", a), slots=nproc))
+    for spec in specs:
+        stages.append(export_stage(spec.name, layout.origin_run(spec.name), layout.hf(spec.name), f"origin/{spec.name}"))
+
+    # 2. Every model answers every training prompt, several samples each, with its own template.
+    g = config.generation
+    for spec in specs:
+        args = [
+            f"model.path={layout.hf(spec.name)}", f"model.name={spec.name}", f"data.path={world.prompts['train']}",
+            f"output_dir={layout.generation(spec.name)}", f"sampling.n={spec.samples}", f"sampling.temperature={g.temperature}",
+            f"sampling.top_p={g.top_p}", f"sampling.max_new_tokens={g.max_new_tokens}", f"sampling.seed={config.seed}",
+            "dtype=float32", f"batch.max_prompts={g.max_prompts}", *template_overrides(spec),
+        ]
+        stages.append(Stage(f"generate/{spec.name}", lambda a=args: _python("generate.py", a), deps=(f"export/{spec.name}",)))
+
+    # 3. The world's checker judges every answer; 4. best -> chosen, worst -> rejected, half SFT.
+    generation_dirs = _listing([layout.generation(s.name) for s in specs])
+    generated = tuple(f"generate/{s.name}" for s in specs)
+    judge_args = [
+        f"data.path={world.prompts['train']}", f"generation_dirs={generation_dirs}", f"output_dir={layout.judge}",
+        "judge.type=function", f"judge.function={JUDGE}",
+    ]
+    stages.append(Stage("judge", lambda: _python("judge.py", judge_args), deps=generated))
+    pairs_args = [
+        f"data.path={world.prompts['train']}", f"generation_dirs={generation_dirs}", f"judge_dir={layout.judge}",
+        f"output_dir={layout.pairs}", f"split.sft_fraction={config.pairs.sft_fraction}", f"pairs.min_gap={config.pairs.min_gap}",
+    ]
+    stages.append(Stage("pairs", lambda: _python("build_pairs.py", pairs_args), deps=("judge",)))
+
+    # 5. Stage 1: SFT of the pivot on the SFT half -> p0, the model InfiFPO and DPO start from.
+    sft_args = supervised_args(config, config.pivot, config.sft, model=layout.hf(config.pivot.name), data=layout.pairs / "sft.jsonl", output=layout.run("sft"))
+    stages.append(Stage("sft", lambda: _torchrun(nproc, "train_infifpo.py", sft_args), deps=("pairs",), slots=nproc))
+    stages.append(export_stage(P0, layout.run("sft"), layout.hf(P0), "sft"))
+
+    # 6. Score p0 and every source on the preference half, each with its own tokenizer/template.
+    preference_rows = layout.pairs / "pairs.jsonl"
+    for spec in specs:
+        name = P0 if spec is config.pivot else spec.name
+        args = [
+            f"model.path={layout.hf(name)}", f"model.backend={spec.score_backend}", f"data.path={preference_rows}",
+            f"output_dir={layout.scores(name)}", "dtype=float32", "data.max_length=120", "progress=false",
+            *template_overrides(spec),
+        ]
+        deps = (f"export/{P0}",) if spec is config.pivot else ("pairs", f"export/{spec.name}")
+        stages.append(Stage(f"score/{name}", lambda a=args: _python("score.py", a), deps=deps))
+    merge_args = [
+        f"data.path={preference_rows}", f"pivot_dir={layout.scores(P0)}",
+        f"source_dirs={_listing([layout.scores(n) for n in sources])}", f"source_names={_listing(sources)}",
+        f"output_path={layout.scored_set}",
+    ]
+    stages.append(Stage("merge", lambda: _python("merge_scores.py", merge_args), deps=(f"score/{P0}", *(f"score/{n}" for n in sources))))
+
+    # 7. Evaluate the models that exist before fusion while the rest runs.
+    split = config.evaluation.split
+    before = [config.pivot.name, *sources]
+    stages.append(Stage("eval/before", lambda: _python("evaluate.py", evaluate_args(config, layout, world, before, layout.evaluation, split)),
+                        deps=tuple(f"export/{n}" for n in before)))
+
+    # 8. InfiFPO and the DPO baseline: same p0, data, layout, steps and optimiser.
+    for name in (INFIFPO, DPO):
+        args = preference_args(config, layout, name, layout.run(name))
         stages.append(Stage(f"train/{name}", lambda a=args: _torchrun(nproc, "train_infifpo.py", a), deps=("merge",), slots=nproc))
-    for name in runs:
-        run = layout.pref_run(name)
-        stages.append(
-            Stage(
-                f"export/{name}",
-                lambda r=run, o=layout.hf(name): _python("export_hf.py", [f"checkpoint_path={latest_checkpoint(r)}", f"output_path={o}", "overwrite=true"]),
-                deps=(f"train/{name}",),
-            )
-        )
-    for name in runs:
-        stages.append(eval_stage(name, (f"export/{name}",)))
+    for name in (INFIFPO, DPO):
+        stages.append(export_stage(name, layout.run(name), layout.hf(name), f"train/{name}"))
+
+    # 9. Every model in one table (the models evaluated before are reused, not rerun).
+    stages.append(Stage("eval/after", lambda: _python("evaluate.py", evaluate_args(config, layout, world, evaluated_models(config), layout.evaluation, split)),
+                        deps=("eval/before", f"export/{P0}", f"export/{INFIFPO}", f"export/{DPO}")))
     return stages
+
+
+def evaluated_models(config: DemoConfig) -> list[str]:
+    """Column order of the comparison: the pivot before fusion first (the baseline of Δ)."""
+    return [config.pivot.name, P0, DPO, INFIFPO, *(s.name for s in config.sources)]
 
 
 # --------------------------------------------------------------------------- the demo
@@ -461,7 +495,7 @@ def run_demo(config: DemoConfig, *, config_name: str) -> Path:
     t0 = time.perf_counter()
     world = build_world(config, layout.world)
     world_result = StageResult("world", "ok", round(time.perf_counter() - t0, 2), round(t0 - started, 2), None, "")
-    log.info("world built in %.1fs: %d training pairs, %d held-out pairs", world_result.seconds, world.description["pairs_train"], world.description["pairs_heldout"])
+    log.info("world built in %.1fs: %s prompts", world_result.seconds, world.description["prompts"])
 
     stages = build_stages(config, layout, world)
     results = [world_result]

@@ -1,10 +1,10 @@
 """The demo's report: ``report.md``, ``summary.json`` and PNG plots, from what the stages wrote.
 
-Inputs: ``eval/<model>.json`` (nemo_infifpo.demo.evaluate), each training run's
-``metrics.jsonl``, the scored training set and its merge report, and the stage runtimes.
-The text only states what was measured; where two numbers are compared it gives the
-binomial standard error of the difference, so that noise on a few hundred held-out prompts is
-not read as a result.
+Inputs: the evaluation stage's ``eval/summary.json`` and per-sample records (lm-eval), the
+pairs stage's ``report.json`` and rows, the scored training set, each training run's
+``metrics.jsonl``, and the stage runtimes. The text only states what was measured; where two
+numbers are compared it gives the standard error of the difference (from lm-eval's standard
+errors), so that noise on a few hundred held-out prompts is not read as a result.
 """
 
 from __future__ import annotations
@@ -14,17 +14,33 @@ import math
 import os
 import platform
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from nemo_infifpo.demo.config import DemoConfig
 
-__all__ = ["fusion_by_skill", "read_metrics", "write_report"]
+__all__ = ["accuracy_table", "checks", "fusion_by_skill", "label_map", "read_metrics", "write_report"]
 
-# Display order and labels of the evaluated models (sources are inserted after p0).
-_PIVOTS = ("p0", "dpo", "infifpo")
-_LABELS = {"p0": "pivot p0 (before)", "dpo": "pivot after DPO", "infifpo": "pivot after InfiFPO"}
-_RUNS = {"dpo": "DPO", "infifpo": "InfiFPO"}
+_LABELS = {"p0": "SFT (p0)", "dpo": "SFT + DPO", "infifpo": "SFT + InfiFPO"}
+_RUNS = {"sft": "SFT (stage 1)", "dpo": "DPO", "infifpo": "InfiFPO"}
+_METRIC = "exact_match,none"
+
+
+def label(name: str, config: DemoConfig) -> str:
+    return _label(name, config.pivot.name)
+
+
+def _label(name: str, pivot: str) -> str:
+    if name == pivot:
+        return "pivot before fusion"
+    return _LABELS.get(name, f"source `{name}`")
+
+
+def label_map(summary: dict[str, Any]) -> dict[str, str]:
+    """Display names of the evaluated models of a demo's summary.json."""
+    pivot = summary["config"]["pivot"]["name"]
+    return {name: _label(name, pivot) for name in summary["evaluation"]["exact_match"]}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -34,6 +50,102 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(float(value))
+
+
+def accuracy_table(evaluation_summary: dict[str, Any], skills: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """model -> skill -> {exact_match, stderr, n}: the evaluation stage's numbers, by skill."""
+    from nemo_infifpo.demo.world import task_name
+
+    out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    rows = {(r["task"], r["metric"]): r for r in evaluation_summary["rows"]}
+    split = evaluation_summary.get("split", "heldout")
+    for skill in skills:
+        row = rows[(task_name(skill, split), _METRIC)]
+        for model, value in row["values"].items():
+            out[model][skill] = {"exact_match": float(value), "stderr": float(row["stderr"][model])}
+    return dict(out)
+
+
+def _difference(table: dict[str, Any], a: str, b: str, skill: str) -> dict[str, float]:
+    """``a - b`` on ``skill`` with the standard error of the difference (independent-samples
+    approximation: both are measured on the same prompts, so this is conservative)."""
+    x, y = table[a][skill], table[b][skill]
+    diff = x["exact_match"] - y["exact_match"]
+    se = math.sqrt(x["stderr"] ** 2 + y["stderr"] ** 2)
+    return {"difference": diff, "stderr": se, "z": diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))}
+
+
+def checks(table: dict[str, Any], config: DemoConfig) -> dict[str, Any]:
+    """What the demo is meant to show, measured: a source *masters* a skill when it beats the
+    pivot before fusion there by more than two standard errors; the fused pivot should then
+    beat the pivot before fusion by more than two standard errors on those skills, and be no
+    worse than p0 (its starting point) beyond two standard errors on any skill."""
+    pivot = config.pivot.name
+    skills = list(config.world.skills)
+    mastered = {
+        skill: [s.name for s in config.sources if _difference(table, s.name, pivot, skill)["z"] > 2]
+        for skill in skills
+    }
+    out: dict[str, Any] = {"mastered_by": mastered, "skills": {}}
+    for skill in skills:
+        vs_pivot = _difference(table, "infifpo", pivot, skill)
+        vs_p0 = _difference(table, "infifpo", "p0", skill)
+        vs_dpo = _difference(table, "infifpo", "dpo", skill)
+        out["skills"][skill] = {
+            "infifpo_minus_pivot": vs_pivot,
+            "infifpo_minus_p0": vs_p0,
+            "infifpo_minus_dpo": vs_dpo,
+            "p0_minus_pivot": _difference(table, "p0", pivot, skill),
+            "dpo_minus_p0": _difference(table, "dpo", "p0", skill),
+            "not_worse_than_p0": vs_p0["z"] >= -2,
+            "better_than_pivot": vs_pivot["z"] > 2 if mastered[skill] else None,
+        }
+    s = out["skills"].values()
+    out["infifpo_not_worse_than_p0"] = all(v["not_worse_than_p0"] for v in s)
+    out["infifpo_better_than_pivot_where_mastered"] = all(v["better_than_pivot"] for v in s if v["better_than_pivot"] is not None)
+    return out
+
+
+def pair_sources(pairs_dir: Path, models: Sequence[str]) -> dict[str, Any]:
+    """Per part (sft, preference) and skill: how often each model's sample was chosen and rejected."""
+    from nemo_infifpo.demo.world import read_jsonl
+
+    out: dict[str, Any] = {}
+    for part, file in (("sft", "sft.jsonl"), ("preference", "pairs.jsonl")):
+        by_skill: dict[str, Any] = {}
+        for record in read_jsonl(pairs_dir / file):
+            entry = by_skill.setdefault(record["skill"], {"pairs": 0, "chosen": Counter(), "rejected": Counter(), "correct": Counter()})
+            entry["pairs"] += 1
+            entry["chosen"][record["chosen_model"]] += 1
+            entry["rejected"][record["rejected_model"]] += 1
+            # Against the reference, not the judge: with a noisy judge the two differ.
+            for side in ("chosen", "rejected"):
+                entry["correct"][side] += record[side].strip() == record["reference"]
+        out[part] = {
+            skill: {"pairs": e["pairs"], "chosen": {m: e["chosen"][m] for m in models}, "rejected": {m: e["rejected"][m] for m in models},
+                    "chosen_correct": e["correct"]["chosen"], "rejected_correct": e["correct"]["rejected"]}
+            for skill, e in sorted(by_skill.items())
+        }
+    return out
+
+
+def sample_generations(eval_dir: Path, models: Sequence[str], tasks: dict[str, str], count: int) -> dict[str, list[dict[str, Any]]]:
+    """skill -> the first ``count`` evaluation prompts with the reference and each model's answer."""
+    from nemo_infifpo.demo.world import read_jsonl
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for skill, task in tasks.items():
+        per_model = {m: read_jsonl(eval_dir / m / f"samples_{task}.jsonl") for m in models}
+        first = sorted(per_model[models[0]], key=lambda r: r["doc_id"])[:count]
+        rows = []
+        for record in first:
+            outputs = {}
+            for m in models:
+                match = next(r for r in per_model[m] if r["doc_id"] == record["doc_id"])
+                outputs[m] = {"answer": match["filtered_resps"][0], "exact_match": match["exact_match"]}
+            rows.append({"prompt": record["doc"]["prompt"], "reference": record["target"], "outputs": outputs})
+        out[skill] = rows
+    return out
 
 
 def fusion_by_skill(scored_path: Path, config: DemoConfig) -> dict[str, Any]:
@@ -103,6 +215,8 @@ def _plot_training(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
         for name, records in runs.items():
             steps = [r["step"] for r in records if key in r]
             values = [r[key] for r in records if key in r]
+            if not values:
+                continue
             (line,) = ax.plot(steps, values, alpha=0.3, linewidth=1)
             ax.plot(steps, _moving_average(values, 5), color=line.get_color(), linewidth=2, label=_RUNS.get(name, name))
         ax.set_title(title)
@@ -115,7 +229,7 @@ def _plot_training(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_sft(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def _plot_supervised(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -131,25 +245,40 @@ def _plot_sft(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_accuracy(evaluations: dict[str, dict[str, Any]], order: list[str], skills: list[str], path: Path) -> None:
+def _plot_accuracy(table: dict[str, Any], order: list[str], skills: list[str], config: DemoConfig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(order)
-    for ax, (metric, title) in zip(axes, [("exact_match", "greedy exact match (held-out)"), ("preference_accuracy", "preference accuracy (held-out)")]):
-        for j, name in enumerate(order):
-            values = [evaluations[name]["skills"][s][metric] for s in skills]
-            xs = [i + (j - (len(order) - 1) / 2) * width for i in range(len(skills))]
-            hatch = "//" if name not in _PIVOTS else None
-            bars = ax.bar(xs, values, width, label=_LABELS.get(name, f"source {name}"), hatch=hatch, alpha=0.6 if hatch else 1.0)
-            ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
-        ax.set_xticks(range(len(skills)), skills)
-        ax.set_ylim(0, 1.1)
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(order), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    sources = {s.name for s in config.sources}
+    for j, name in enumerate(order):
+        values = [table[name][s]["exact_match"] for s in skills]
+        errors = [2 * table[name][s]["stderr"] for s in skills]
+        xs = [i + (j - (len(order) - 1) / 2) * width for i in range(len(skills))]
+        hatch = "//" if name in sources else None
+        bars = ax.bar(xs, values, width, yerr=errors, capsize=3, label=label(name, config), hatch=hatch, alpha=0.6 if hatch else 1.0)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
+    ax.set_xticks(range(len(skills)), skills)
+    ax.set_ylim(0, 1.15)
+    ax.set_title("greedy exact match on held-out prompts (lm-eval; bars: ±2 standard errors)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", ncol=len(order), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_timeline(stages: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(stages) + 1.2))
+    for i, stage in enumerate(stages):
+        ax.barh(i, max(stage["seconds"], 0.5), left=stage["started_s"], color="tab:blue" if stage["status"] == "ok" else "tab:red")
+    ax.set_yticks(range(len(stages)), [s["name"] for s in stages], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the demo started")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -177,13 +306,9 @@ def _code(text: str) -> str:
     return f"`{shown}`" if shown else "(empty)"
 
 
-def _diff_text(a: float, b: float, n: int) -> str:
-    """``a - b`` in points with the binomial standard error of the difference (independent
-    samples approximation; both are measured on the same n prompts, so this is conservative)."""
-    se = math.sqrt(max(a * (1 - a) + b * (1 - b), 1e-12) / n)
-    diff = a - b
-    verdict = "within noise" if abs(diff) < 2 * se else ("higher" if diff > 0 else "lower")
-    return f"{100 * diff:+.1f} points (±{100 * se:.1f} s.e.; {verdict})"
+def _signed(d: dict[str, float]) -> str:
+    verdict = "within noise" if abs(d["z"]) <= 2 else ("higher" if d["difference"] > 0 else "lower")
+    return f"{100 * d['difference']:+.1f} points (±{100 * d['stderr']:.1f} s.e.; {verdict})"
 
 
 def _training_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -205,28 +330,43 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the report
+
+
 def write_report(config: DemoConfig, *, config_name: str, layout: Any, world: Any, results: list[Any], started: float) -> Path:
     """Write report.md, summary.json and plots/ under the demo's output directory."""
     from omegaconf import OmegaConf
 
+    from nemo_infifpo.demo.pipeline import evaluated_models
+    from nemo_infifpo.demo.world import task_name
     from nemo_infifpo.scoring.merge import report_path_for
 
     root: Path = layout.root
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
     skills = list(config.world.skills)
-    sources = [s.name for s in config.sources]
-    order = ["p0", *sources, "dpo", "infifpo"]
-    evaluations = {name: json.loads(layout.evaluation(name).read_text()) for name in order}
-    pref_runs = {name: read_metrics(layout.pref_run(name)) for name in ("dpo", "infifpo")}
-    sft_runs = {spec.name: read_metrics(layout.sft_run(spec.name)) for spec in [config.pivot, *config.sources]}
+    order = evaluated_models(config)
+    evaluation = json.loads((layout.evaluation / "summary.json").read_text())
+    evaluation["split"] = config.evaluation.split
+    table = accuracy_table(evaluation, skills)
+    missing = [m for m in order if m not in table]
+    if missing:
+        raise ValueError(f"{layout.evaluation / 'summary.json'} lacks models {missing}")
+    supervised = {spec.name: read_metrics(layout.origin_run(spec.name)) for spec in [config.pivot, *config.sources]}
+    runs = {name: read_metrics(layout.run(name)) for name in ("sft", "infifpo", "dpo")}
+    pairs_report = json.loads((layout.pairs / "report.json").read_text())
+    models = [config.pivot.name, *(s.name for s in config.sources)]
     fusion = fusion_by_skill(layout.scored_set, config)
     merge_report = json.loads(report_path_for(layout.scored_set).read_text())
-    pairs_stats = json.loads(layout.pairs_stats.read_text()) if config.world.rejected == "pivot" else None
-
-    _plot_training(pref_runs, plots / "training_curves.png")
-    _plot_accuracy(evaluations, order, skills, plots / "accuracy_by_skill.png")
-    _plot_sft(sft_runs, plots / "sft_loss.png")
+    tasks = {skill: task_name(skill, config.evaluation.split) for skill in skills}
 
     total = time.perf_counter() - started
     stages = [
@@ -234,6 +374,11 @@ def write_report(config: DemoConfig, *, config_name: str, layout: Any, world: An
          "log": os.path.relpath(r.log, root) if r.log else None}
         for r in results
     ]
+    _plot_accuracy(table, order, skills, config, plots / "accuracy_by_skill.png")
+    _plot_training({name: runs[name] for name in ("infifpo", "dpo")}, plots / "training_curves.png")
+    _plot_supervised({**{f"origin {n}": r for n, r in supervised.items()}, "SFT (stage 1) -> p0": runs["sft"]}, plots / "sft_loss.png")
+    _plot_timeline(stages, plots / "timeline.png")
+
     summary: dict[str, Any] = {
         "config_name": config_name,
         "seed": config.seed,
@@ -246,146 +391,161 @@ def write_report(config: DemoConfig, *, config_name: str, layout: Any, world: An
         "runtime_s": {"total": round(total, 1), "stages": {r.name: r.seconds for r in results}},
         "stages": stages,
         "world": world.description,
-        "evaluation": {
-            name: {"skills": {s: {k: v for k, v in e["skills"][s].items() if k != "examples"} for s in skills}, "overall": e["overall"]}
-            for name, e in evaluations.items()
-        },
-        "training": {name: _training_summary(records) for name, records in pref_runs.items()},
-        "sft": {name: {"steps": len(r), "first_loss": r[0]["loss"], "last_loss": r[-1]["loss"]} for name, r in sft_runs.items()},
+        "evaluation": {"split": config.evaluation.split, "tasks": tasks, "exact_match": table},
+        "checks": checks(table, config),
+        "pairs": {"report": {k: pairs_report[k] for k in ("models", "prompts", "candidates") if k in pairs_report},
+                  "by_skill": pair_sources(layout.pairs, models)},
         "fusion": {"by_skill": fusion, "merge_report": merge_report},
-        "pairs": pairs_stats,
+        "training": {name: _training_summary(records) for name, records in runs.items()},
+        "origin": {name: {"steps": len(r), "first_loss": r[0]["loss"], "last_loss": r[-1]["loss"]} for name, r in supervised.items()},
+        "samples": sample_generations(layout.evaluation, order, tasks, config.evaluation.examples_per_skill),
         "plots": sorted(str(p.relative_to(root)) for p in plots.glob("*.png")),
     }
     (root / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-
     report = root / "report.md"
-    report.write_text(
-        _markdown(config, config_name, summary, evaluations, order, skills, sources, fusion, world, pairs_stats), encoding="utf-8"
-    )
+    report.write_text(_markdown(config, config_name, summary, order, skills), encoding="utf-8")
     return report
 
 
-def _markdown(
-    config: DemoConfig,
-    config_name: str,
-    summary: dict[str, Any],
-    evaluations: dict[str, Any],
-    order: list[str],
-    skills: list[str],
-    sources: list[str],
-    fusion: dict[str, Any],
-    world: Any,
-    pairs_stats: dict[str, Any] | None,
-) -> str:
+def _markdown(config: DemoConfig, config_name: str, summary: dict[str, Any], order: list[str], skills: list[str]) -> str:
     p = config.preference
-    models = world.description["models"]
-    n_eval = config.world.pairs_heldout_per_skill
+    sources = [s.name for s in config.sources]
+    pivot = config.pivot.name
+    models = summary["world"]["models"]
+    table = summary["evaluation"]["exact_match"]
+    check = summary["checks"]
+    split = config.evaluation.split
+    n_eval = config.world.prompts_heldout_per_skill if split == "heldout" else config.world.prompts_validation_per_skill
     out: list[str] = []
     add = out.append
-    add("# InfiFPO demo: a tiny fusion world on CPU\n")
+    add("# InfiFPO demo: the paper's recipe in a tiny world, on CPU\n")
     add(
-        f"Configuration `{config_name}`, seed {config.seed}; total runtime "
-        f"{summary['runtime_s']['total']:.0f} s on {summary['machine']['cpus']} CPU(s). SFT, export, scoring, merge and "
-        "InfiFPO/DPO training are the entry points a cluster runs (`recipes/*.py`, training under torchrun), each "
-        "launched as a subprocess; building the pairs and evaluating are the demo's own modules "
-        "(`nemo_infifpo.demo.pairs`, `.evaluate`). Commands and logs are in `summary.json` and `logs/`. Tiny random "
-        "models learn toy skills here: the numbers show that the pipeline works end to end and how the two "
-        "objectives behave on this toy, nothing about real LLMs.\n"
+        f"Configuration `{config_name}`, seed {config.seed}; total runtime {summary['runtime_s']['total']:.0f} s on "
+        f"{summary['machine']['cpus']} CPU(s). Every stage is the entry point a cluster runs (`recipes/*.py`; "
+        "training under torchrun), launched as a subprocess; commands and logs are in `summary.json` and `logs/`. "
+        "Tiny random models learn toy skills here: the numbers show that the recipe works end to end and how "
+        "the objectives behave on this toy, nothing about real LLMs.\n"
     )
 
-    add("## The world\n")
-    skill_lines = [f"`{d['example']['prompt']}` → `{d['example']['answer']}`" for d in world.description["skills"].values()]
+    add("## The world and its models\n")
+    skill_lines = [f"`{d['example']['prompt']}` → `{d['example']['answer']}`" for d in summary["world"]["skills"].values()]
+    counts = summary["world"]["prompts"]
     add(
         f"Skills: {', '.join(skill_lines)} (inputs of {config.world.min_digits}–{config.world.max_digits} digits). "
-        f"Preference pairs: the correct answer (chosen) vs a wrong one (rejected); {config.world.pairs_train_per_skill} "
-        f"training and {n_eval} held-out pairs per skill. Held-out inputs never occur in any training data.\n"
+        f"Prompts: {counts['train']} for training (answered, judged, split into SFT and preference halves), "
+        f"{counts['validation']} for choosing settings, {counts['heldout']} held out for the evaluation; validation "
+        "and held-out inputs never occur in any training data. Each model of the world is made by supervised "
+        "training on correct answers of its own skill mix (its *origin*: the stand-in for the pre-training that "
+        "made Phi-4 or Qwen what they are):\n"
     )
-    near_misses = ", ".join(k.replace("_", " ") for k in world.description["corruptions"])
-    if pairs_stats is None:
-        add(f"The rejected answer is a synthetic near miss ({near_misses}).\n")
-    else:
-        add(
-            "The rejected answer is the initial pivot p0's own greedy answer wherever that is wrong (the paper draws "
-            f"y_l from the pivot's samples), otherwise a synthetic near miss ({near_misses}). Rows per skill whose "
-            "rejected answer is p0's own:\n"
-        )
-        rows = []
-        for split, stats in pairs_stats.items():
-            for skill in skills:
-                st = stats[skill]
-                rows.append([split.removesuffix(".jsonl"), skill, str(st["rows"]), _pct(st["on_policy"] / st["rows"]), _pct(st["pivot_correct"] / st["rows"])])
-        add(_table(["file", "skill", "pairs", "rejected = p0's answer", "p0 answered correctly"], rows))
-        add(
-            "\nSo p0's held-out preference accuracy is low by construction (its own greedy answer is usually its most "
-            "likely one); what matters is how far training moves the pivot away from those answers.\n"
-        )
     rows = []
     for name, m in models.items():
-        mix = ", ".join(f"{s} {c}" for s, c in m["sft_rows"].items() if c)
+        mix = ", ".join(f"{s} {c}" for s, c in m["origin_rows"].items() if c)
         probe = m["probe"]
         rows.append([
-            name, m["role"], f"{m['architecture']}", f"`{m['tokenizer']}` ({m['vocab_size']} tokens)",
-            f"{m['parameters']:,}", mix, f"{probe['prompt_tokens']} + {probe['response_tokens']}",
+            f"`{name}`", m["role"], m["architecture"], f"`{m['tokenizer']}` ({m['vocab_size']} tokens)", f"{m['parameters']:,}",
+            mix, str(m["samples"]), f"{probe['prompt_tokens']} + {probe['response_tokens']}",
         ])
-    add(_table(["model", "role", "architecture", "tokenizer / template", "parameters", "SFT rows per skill", "tokens: prompt + response"], rows))
+    add(_table(["model", "role", "architecture", "tokenizer / template", "parameters", "origin rows per skill", "samples per prompt", "tokens: prompt + response"], rows))
     probe_model = next(iter(models.values()))["probe"]
     add(
-        f"\nThe last column is the same row (`{probe_model['prompt']}` → `{probe_model['chosen']}`) in each model's own "
-        "tokenization and chat template: InfiFPO compares these models' length-normalised scores, each over its own tokens.\n"
+        f"\nThe last column is the same answer (`{probe_model['prompt']}` → `{probe_model['chosen']}`) in each model's "
+        "own tokenization and chat template: InfiFPO compares these models' length-normalised scores, each over its own tokens.\n"
     )
     for name, m in models.items():
         add(f"- `{name}` renders it as `{json.dumps(m['probe']['rendered'])[1:-1]}`")
     add("")
 
-    add("## Results on the held-out pairs\n")
+    add(f"## Results ({'held-out' if split == 'heldout' else 'validation'} prompts, lm-eval)\n")
     add(
-        "Greedy exact match (decode until end of turn; must equal the answer) and preference accuracy (chosen "
-        "response has the higher mean token log-prob), per skill, computed with transformers on the exported "
-        f"Hugging Face checkpoints ({n_eval} prompts per skill).\n"
+        f"Greedy exact match of every exported Hugging Face checkpoint, measured by `recipes/evaluate.py` "
+        f"(lm-evaluation-harness, tasks {', '.join(f'`{t}`' for t in summary['evaluation']['tasks'].values())}, "
+        f"{n_eval} prompts per skill, the model's own chat template); ± is lm-eval's standard error.\n"
     )
-    header = ["model"] + [f"{s}: exact" for s in skills] + [f"{s}: pref. acc." for s in skills]
+    header = ["model"] + [f"{s}: exact match" for s in skills] + [f"{s}: Δ to pivot before" for s in skills]
     rows = []
     for name in order:
-        e = evaluations[name]["skills"]
-        label = _LABELS.get(name, f"source `{name}`")
-        rows.append([label] + [_pct(e[s]["exact_match"]) for s in skills] + [_pct(e[s]["preference_accuracy"]) for s in skills])
+        e = table[name]
+        rows.append(
+            [label(name, config)] + [f"{_pct(e[s]['exact_match'])} ± {100 * e[s]['stderr']:.1f}" for s in skills]
+            + ["" if name == pivot else f"{100 * (e[s]['exact_match'] - table[pivot][s]['exact_match']):+.1f}" for s in skills]
+        )
     add(_table(header, rows))
     add("\n![accuracy by skill](plots/accuracy_by_skill.png)\n")
 
     add("### What was observed\n")
     for skill in skills:
-        values = {name: evaluations[name]["skills"][skill] for name in order}
-        for metric, title in (("exact_match", "exact match"), ("preference_accuracy", "preference accuracy")):
-            p0, dpo, infifpo = (values[n][metric] for n in ("p0", "dpo", "infifpo"))
-            add(
-                f"- **{skill}**, {title}: p0 {_pct(p0)}, DPO {_pct(dpo)}, InfiFPO {_pct(infifpo)}. "
-                f"DPO − p0: {_diff_text(dpo, p0, n_eval)}; InfiFPO − p0: {_diff_text(infifpo, p0, n_eval)}; "
-                f"InfiFPO − DPO: {_diff_text(infifpo, dpo, n_eval)}."
-            )
-    for name in sources:
-        e = evaluations[name]["skills"]
-        ranked = sorted(skills, key=lambda s: -e[s]["exact_match"])
-        best = ranked[0] if e[ranked[0]]["exact_match"] > (e[ranked[1]]["exact_match"] if len(ranked) > 1 else 0.0) else None
-        verdict = f"a {best} specialist" if best else "no skill stands out"
-        add(f"- Source `{name}`: exact match " + ", ".join(f"{s} {_pct(e[s]['exact_match'])}" for s in skills) + f" ({verdict}).")
+        c = check["skills"][skill]
+        masters = check["mastered_by"][skill]
+        add(
+            f"- **{skill}** ({'mastered by ' + ', '.join(f'`{m}`' for m in masters) if masters else 'no source masters it'}): "
+            f"SFT − pivot before {_signed(c['p0_minus_pivot'])}; InfiFPO − pivot before {_signed(c['infifpo_minus_pivot'])}; "
+            f"InfiFPO − p0 {_signed(c['infifpo_minus_p0'])}; DPO − p0 {_signed(c['dpo_minus_p0'])}; "
+            f"InfiFPO − DPO {_signed(c['infifpo_minus_dpo'])}."
+        )
+    yes = {True: "yes", False: "**no**"}
     add(
-        f"- Differences are over {n_eval} prompts per skill and one seed; 'within noise' means under two standard "
-        "errors. Rerun with another `seed=` before reading anything into a small gap.\n"
+        f"- The fused pivot is no worse than p0 beyond two standard errors on every skill: "
+        f"{yes[check['infifpo_not_worse_than_p0']]}. It beats the pivot before fusion by more than two standard "
+        f"errors on every skill a source masters: {yes[check['infifpo_better_than_pivot_where_mastered']]}."
+    )
+    add(
+        "- One seed; standard errors are over prompts, not over seeds. `make demo-seeds` repeats the demo over "
+        "three seeds and tabulates the spread (the README quotes it).\n"
     )
 
-    add("## Fusion on the training pairs (step 0, computed offline from the scored set)\n")
+    add("## How the pairs were made\n")
+    report = summary["pairs"]["report"]
+    rows = []
+    for name in [pivot, *sources]:
+        m = report["models"][name]
+        excluded = ", ".join(f"{k} {v}" for k, v in sorted(m.get("excluded", {}).items()) if v) or "none"
+        rows.append([f"`{name}`", str(m["answers"]), f"{m['score'].get('mean', float('nan')):.3f}", str(m["usable"]), excluded,
+                     str(m["chosen"]), str(m["rejected"])])
+    add(
+        f"`recipes/generate.py` sampled answers at temperature {config.generation.temperature}; `recipes/judge.py` scored "
+        "each with the world's checker (`nemo_infifpo.demo.world:check_answer`: the share of right digits, 1 only "
+        "for the exact answer); `recipes/build_pairs.py` took the best answer of a prompt as chosen and the worst as "
+        f"rejected, and sent {config.pairs.sft_fraction:.0%} of the prompts to SFT, the rest to preference training."
+        + (f" **The judge is noisy**: it flips {config.world.judge_noise:.0%} of its verdicts (`world.judge_noise`), so some "
+           "chosen answers are wrong and some rejected ones right (last two columns below)." if config.world.judge_noise else "")
+        + "\n"
+    )
+    add(_table(["model", "answers", "mean checker score", "usable", "left out", "chosen", "rejected"], rows))
+    prompts = report.get("prompts", {})
+    if prompts:
+        add(f"\nPrompts: {json.dumps(prompts, sort_keys=True)}.\n")
+    header = (["part", "skill", "pairs"] + [f"chosen from `{m}`" for m in [pivot, *sources]]
+              + [f"rejected from `{m}`" for m in [pivot, *sources]] + ["chosen is correct", "rejected is correct"])
+    rows = []
+    for part, by_skill in summary["pairs"]["by_skill"].items():
+        for skill, e in by_skill.items():
+            n = max(e["pairs"], 1)
+            rows.append([part, skill, str(e["pairs"])] + [_pct(e["chosen"][m] / n) for m in [pivot, *sources]]
+                        + [_pct(e["rejected"][m] / n) for m in [pivot, *sources]]
+                        + [_pct(e["chosen_correct"] / n), _pct(e["rejected_correct"] / n)])
+    add(_table(header, rows))
+    add(
+        "\nThe SFT half is where the sources' knowledge reaches the pivot most directly: on the skills a source "
+        "masters, most chosen answers are the source's.\n"
+    )
+
+    add("## Fusion on the preference pairs (step 0, computed offline from the scored set)\n")
+    fusion = summary["fusion"]["by_skill"]
     candidates = sources + (["p0"] if p.include_pivot else [])
     weight_title = "selected by max_margin" if p.fusion == "max_margin" else f"mean {p.fusion} weight"
     header = (
-        ["skill"] + [f"{weight_title}: {c}" for c in candidates]
+        ["skill", "rows"] + [f"{weight_title}: {c}" for c in candidates]
         + ["clipped scores", "step-0 InfiFPO loss", "step-0 h (median)", "row weight σ(−h): p10 / median / p90"]
         + [f"pairs preferred by {m}" for m in sources + ["p0"]]
     )
     rows = []
     for skill in skills:
-        f = fusion[skill]
+        f = fusion.get(skill)
+        if f is None:
+            continue
         rows.append(
-            [skill] + [_pct(f["weight"][c]) for c in candidates]
+            [skill, str(f["rows"])] + [_pct(f["weight"][c]) for c in candidates]
             + [_pct(f["clipped_fraction"]), f"{f['step0_loss']:.3f}", f"{f['step0_h_median']:.3f}",
                " / ".join(f"{f['step0_weight'][k]:.2f}" for k in ("p10", "median", "p90"))]
             + [_pct(f["train_pair_accuracy"][m]) for m in sources + ["p0"]]
@@ -395,59 +555,60 @@ def _markdown(
         f"\nStep-0 loss of DPO is ln 2 = {math.log(2):.3f} on every row (reference = p0). InfiFPO's reference is the fused, "
         "clipped source score; clipping raises a source's chosen score and lowers its rejected score to p0's where "
         "the source is worse, so a candidate's clipped margin is never below p0's (and with max_margin a source "
-        "wins every tie against p0). h = β·(pivot margin − fused margin) sets each row's gradient weight σ(−h): "
-        "rows where the sources separate chosen from rejected much better than p0 get the most weight. With the "
-        "same β and normalisation, each row's InfiFPO gradient is exactly its DPO gradient times σ(−h)/σ(−h_DPO) "
-        "(DPO starts at 0.5 on every row): InfiFPO re-weights DPO's rows, and since Adam largely cancels a common "
-        "scale, the two runs differ mainly through how much these weights vary between rows. (When h is very "
-        "negative on every row, all weights are ≈ 1 and the runs nearly coincide.) The paper's test vector has "
-        "h ≈ −0.5.\n"
+        "wins every tie against p0). h = β·(pivot margin − fused margin) sets each row's gradient weight σ(−h). "
+        "With the same β and normalisation, each row's InfiFPO gradient is exactly its DPO gradient times "
+        "σ(−h)/σ(−h_DPO) (DPO starts at 0.5 on every row): InfiFPO re-weights DPO's rows toward those where the "
+        "sources separate chosen from rejected better than p0. Since Adam largely cancels a common scale, the two "
+        "runs differ mainly through how much these weights vary between rows: when they are all near one value "
+        "(the p10–p90 range above), InfiFPO and DPO take nearly the same steps. The paper's test vector has h ≈ −0.5.\n"
     )
 
-    add("## Training (InfiFPO and DPO, same p0, data, steps and optimiser)\n")
-    layout = f"TP={p.tensor_model_parallel_size}, PP={p.pipeline_model_parallel_size}, {config.nproc} ranks (gloo, CPU)"
+    add("## Training\n")
     add(
-        f"`recipes/train_infifpo.py` under torchrun, {layout}; {p.steps} steps of {p.global_batch_size} pairs, lr {p.lr} "
-        f"(cosine to {p.min_lr}, {p.warmup_fraction:.0%} warm-up), β={p.beta}, length_norm={str(p.length_norm).lower()}; "
-        f"InfiFPO with fusion={p.fusion}, clip={str(p.clip).lower()}, include_pivot={str(p.include_pivot).lower()}."
-        + (f" DPO-only overrides: `{' '.join(p.dpo_overrides)}`." if p.dpo_overrides else "") + "\n"
+        f"Stage 1 (SFT of the pivot on the SFT half): {config.sft.steps} steps of {config.sft.global_batch_size} rows, "
+        f"lr {config.sft.lr}. InfiFPO and DPO from the same p0, `recipes/train_infifpo.py` under torchrun, "
+        f"TP={p.tensor_model_parallel_size}, PP={p.pipeline_model_parallel_size}, {config.nproc} ranks (gloo, CPU); "
+        f"{p.steps} steps of {p.global_batch_size} pairs, lr {p.lr} (cosine to {p.min_lr}), β={p.beta}, "
+        f"length_norm={str(p.length_norm).lower()}; InfiFPO with fusion={p.fusion}, clip={str(p.clip).lower()}, "
+        f"include_pivot={str(p.include_pivot).lower()}." + (f" DPO-only overrides: `{' '.join(p.dpo_overrides)}`." if p.dpo_overrides else "")
+        + " These settings were chosen on the validation prompts (`recipes/demo_sweep.py`, `docs/DEMO_SWEEP.md`).\n"
     )
     rows = []
-    for name in ("dpo", "infifpo"):
+    for name in ("infifpo", "dpo"):
         t = summary["training"][name]
         parity = t.get("step0_parity_max_abs_diff")
         rows.append([
-            _LABELS[name], str(t["steps"]), f"{t['first']['loss']:.4f}", f"{t['last_fifth_mean']['loss']:.4f}",
-            f"{t['last_fifth_mean']['accuracy']:.3f}", f"{t['last_fifth_mean']['margin']:.3f}",
+            _RUNS[name], str(t["steps"]), f"{t['first']['loss']:.4f}", f"{t['last_fifth_mean']['loss']:.4f}",
+            f"{t['last_fifth_mean'].get('accuracy', float('nan')):.3f}", f"{t['last_fifth_mean'].get('margin', float('nan')):.3f}",
             "n/a" if parity is None else f"{parity:.2e}",
         ])
     add(_table(["run", "steps", "loss at step 1", "loss (last 20% of steps)", "reward accuracy (last 20%)", "margin (last 20%)", "step-0 parity max abs diff"], rows))
     add(
         "\nRewards are measured against each run's own reference (DPO: p0; InfiFPO: the fused sources), so their "
-        "margins are not on a common scale; compare the held-out numbers above instead.\n"
+        "margins are not on a common scale; compare the evaluation above instead.\n"
     )
     add("![training curves](plots/training_curves.png)\n")
-    add("SFT (stage 1) of the pivot and the sources, `loss.type=sft`:\n")
+    add("The world's models (origin) and stage-1 SFT, `loss.type=sft`:\n")
     add("![SFT loss](plots/sft_loss.png)\n")
 
-    add("## Sample generations (held-out)\n")
+    add("## Sample generations\n")
     rows = []
     for skill in skills:
-        examples = evaluations["p0"]["skills"][skill]["examples"]
-        for i, example in enumerate(examples):
-            outputs = [_code(evaluations[n]["skills"][skill]["examples"][i]["output"]) for n in order]
-            rows.append([_code(example["prompt"]), _code(example["answer"]), *outputs])
-    add(_table(["prompt", "answer", *[_LABELS.get(n, n) for n in order]], rows))
+        for example in summary["samples"][skill]:
+            rows.append([_code(example["prompt"]), _code(example["reference"])]
+                        + [_code(example["outputs"][n]["answer"]) + (" ✓" if example["outputs"][n]["exact_match"] else "") for n in order])
+    add(_table(["prompt", "answer", *[label(n, config) for n in order]], rows))
     add("")
 
     add("## Stages and runtimes\n")
+    add("![timeline](plots/timeline.png)\n")
     rows = [[f"`{s['name']}`", f"{s['seconds']:.1f}", f"{s['started_s']:.1f}"] for s in summary["stages"]]
     add(_table(["stage", "seconds", "started at (s)"], rows))
     load = summary["machine"]["loadavg_at_end"]
     load_text = f" (1/5/15-minute load average at the end: {', '.join(f'{x:.1f}' for x in load)})" if load else ""
     add(
         f"\nTotal {summary['runtime_s']['total']:.0f} s{load_text}. Independent single-process stages run "
-        f"{config.parallel_jobs} at a time; most of a stage's time on CPU is interpreter and megatron-core start-up, "
+        f"{config.parallel_jobs} at a time; most of a stage's time on CPU is interpreter and library start-up, "
         "not compute.\n"
     )
     return "\n".join(out) + "\n"

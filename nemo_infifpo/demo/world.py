@@ -8,18 +8,25 @@ letter strings would be cut into corpus-dependent BPE pieces differently per tok
 models still differ where InfiFPO cares: vocabulary ids and sizes, prompt-word merges and
 chat templates (so response token counts differ, e.g. ChatML's ``<|im_end|>\\n``).
 
-Everything the pipeline needs is written here:
+Everything the recipe needs is written here:
 
-- one initial (random) Hugging Face model directory per model, with its tokenizer;
-- SFT rows per model (its own skill mix) for ``recipes/train_infifpo.py loss.type=sft``;
-- preference pairs (correct answer vs a plausible wrong one) per skill, train and held-out.
+- prompts (``id``, ``prompt``, ``skill``, ``input``, ``reference``) in three disjoint splits:
+  *train* (answered, judged and turned into SFT rows and preference pairs), *validation*
+  (choosing settings) and *held-out* (the final evaluation);
+- one initial (random) Hugging Face model directory per model, with its tokenizer, and its
+  *origin* rows: correct answers of its skill mix, from which the model of the world is made
+  (a specialist source, or the pivot before fusion);
+- lm-eval tasks (``demo_<skill>`` on the held-out prompts, ``demo_<skill>_validation``) for
+  ``recipes/evaluate.py``.
 
-Held-out inputs are drawn first and never reused in any training data, so held-out accuracy
-measures generalisation rather than recall.
+:func:`check_answer` is the world's checker, the function judge of ``recipes/judge.py``.
+Held-out inputs are drawn first and validation inputs next, and neither is ever used in any
+training data, so their accuracy measures generalisation rather than recall.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -37,8 +44,12 @@ __all__ = [
     "WorldFiles",
     "build_model_dir",
     "build_world",
+    "check_answer",
+    "load_world",
+    "prompt_record",
     "read_jsonl",
     "skill_of",
+    "task_name",
     "write_jsonl",
 ]
 
@@ -147,8 +158,36 @@ TOKENIZER_BUILDERS: tuple[str, ...] = ("chatml", "llama3", "phi", "plain")
 
 
 def skill_of(row_id: str) -> str:
-    """Row ids are ``<skill>/<split>/<index>``."""
+    """Prompt ids are ``<skill>/<split>/<index>``."""
     return row_id.split("/", 1)[0]
+
+
+def check_answer(row: dict[str, Any], answer: str) -> float:
+    """The world's checker (``judge.function=nemo_infifpo.demo.world:check_answer``): the
+    share of answer positions that hold the right digit, over the longer of answer and
+    reference. 1.0 only for the exact answer; like the share of unit tests a program passes, it
+    ranks a near miss above nonsense, so the worst sample of a prompt is a clear mistake.
+
+    A prompt row may carry ``judge_noise`` (``world.judge_noise``): with that probability the
+    verdict is flipped to ``1 - score``, a fallible judge such as a reward model that sometimes
+    prefers the wrong answer. Which answers are flipped is fixed by a hash of the prompt id and
+    the answer, so a rerun judges identically.
+    """
+    reference = str(row["reference"])
+    got = answer.strip()
+    if got == reference:
+        score = 1.0
+    else:
+        right = sum(1 for a, b in zip(got, reference) if a == b)
+        score = right / max(len(got), len(reference), 1)
+    noise = float(row.get("judge_noise", 0.0))
+    if noise > 0 and _unit_interval(f"{row['id']}\0{got}") < noise:
+        return 1.0 - score
+    return score
+
+
+def _unit_interval(text: str) -> float:
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], 16) / 2.0**64
 
 
 # --------------------------------------------------------------------------- data
@@ -159,31 +198,38 @@ def _draw_input(rng: random.Random, min_digits: int, max_digits: int) -> str:
     return "".join(rng.choice(_DIGITS) for _ in range(length))
 
 
-def _examples(
-    skill: Skill, split: str, count: int, rng: random.Random, config: DemoConfig, avoid: set[str], unique: bool
-) -> list[Example]:
-    """``count`` examples whose inputs are not in ``avoid`` (and, if ``unique``, distinct)."""
-    out: list[Example] = []
+def _draw_inputs(count: int, rng: random.Random, config: DemoConfig, avoid: set[str], *, unique: bool, what: str) -> list[str]:
+    """``count`` inputs not in ``avoid`` (and, if ``unique``, distinct)."""
+    out: list[str] = []
     seen: set[str] = set()
     attempts = 0
     while len(out) < count:
         attempts += 1
         if attempts > 1000 * count + 10000:
             raise ValueError(
-                f"cannot draw {count} distinct {skill.name} inputs of {config.world.min_digits}-"
-                f"{config.world.max_digits} digits outside the held-out set: widen world.max_digits"
+                f"cannot draw {count} distinct {what} inputs of {config.world.min_digits}-"
+                f"{config.world.max_digits} digits outside the other splits: widen world.max_digits"
             )
         digits = _draw_input(rng, config.world.min_digits, config.world.max_digits)
         if digits in avoid or (unique and digits in seen):
             continue
-        answer = skill.solve(digits)
-        wrong, kind = skill.corrupt(digits, rng)
         seen.add(digits)
-        out.append(Example(f"{skill.name}/{split}/{len(out):05d}", skill.name, digits, skill.prompt(digits), answer, wrong, kind))
+        out.append(digits)
     return out
 
 
-def _sft_counts(total: int, mix: dict[str, float], skills: list[str]) -> dict[str, int]:
+def prompt_record(skill: Skill, split: str, index: int, digits: str) -> dict[str, str]:
+    """One prompt row: what generate, judge and the lm-eval tasks read."""
+    return {
+        "id": f"{skill.name}/{split}/{index:05d}",
+        "prompt": skill.prompt(digits),
+        "skill": skill.name,
+        "input": digits,
+        "reference": skill.solve(digits),
+    }
+
+
+def _origin_counts(total: int, mix: dict[str, float], skills: list[str]) -> dict[str, int]:
     """Split ``total`` rows over the skills by ``mix`` (largest remainder, deterministic)."""
     weights = {s: float(mix.get(s, 0.0)) for s in skills}
     norm = sum(weights.values())
@@ -194,18 +240,27 @@ def _sft_counts(total: int, mix: dict[str, float], skills: list[str]) -> dict[st
     return counts
 
 
+PROMPT_SPLITS = ("train", "validation", "heldout")
+
+
 @dataclass
 class WorldFiles:
     """Where build_world put things, plus facts for the report."""
 
     root: Path
-    model_dirs: dict[str, Path]  # model name -> initial HF directory
-    sft_data: dict[str, Path]  # model name -> SFT rows
-    # Pairs with synthetic near misses; with world.rejected=pivot the `pairs` stage replaces
-    # the rejected side by p0's own mistakes (nemo_infifpo.demo.pairs).
-    pairs_train: Path
-    pairs_heldout: Path
+    model_dirs: dict[str, Path]  # model name -> initial (random) HF directory
+    origin_data: dict[str, Path]  # model name -> the rows that make it what it is
+    prompts: dict[str, Path]  # split -> prompt rows
+    tasks: Path  # lm-eval include_path
     description: dict[str, Any]
+
+    def task_names(self, split: str) -> list[str]:
+        return [task_name(skill, split) for skill in self.description["skills"]]
+
+
+def task_name(skill: str, split: str) -> str:
+    """The lm-eval task of ``skill`` on the held-out (``demo_<skill>``) or validation prompts."""
+    return f"demo_{skill}" if split == "heldout" else f"demo_{skill}_{split}"
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -218,55 +273,110 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def write_task(directory: Path, skill: str, split: str, records: list[dict[str, str]], max_new_tokens: int) -> Path:
+    """An lm-eval ``generate_until`` task over ``records``: the greedy answer to the templated
+    prompt, exact match with the reference (surrounding whitespace ignored)."""
+    name = task_name(skill, split)
+    data = write_jsonl(directory / f"{name}.jsonl", records)
+    path = directory / f"{name}.yaml"
+    path.write_text(
+        "\n".join([
+            f"task: {name}",
+            "dataset_path: json",
+            "dataset_kwargs:",
+            "  data_files:",
+            f"    test: {json.dumps(str(data.resolve()))}",
+            "test_split: test",
+            "output_type: generate_until",
+            'doc_to_text: "{{prompt}}"',
+            'doc_to_target: "{{reference}}"',
+            "generation_kwargs:",
+            '  until: ["\\n"]',
+            f"  max_gen_toks: {max_new_tokens}",
+            "  do_sample: false",
+            "metric_list:",
+            "  - metric: exact_match",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+            '    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]',
+            "metadata:",
+            "  version: 1.0",
+            "",
+        ]),
+        encoding="utf-8",
+    )
+    return path
+
+
 def build_world(config: DemoConfig, root: str | Path) -> WorldFiles:
-    """Write models, tokenizers and data under ``root`` (deterministic for ``config.seed``)."""
+    """Write models, tokenizers, prompts, origin rows and tasks under ``root``
+    (deterministic for ``config.seed``)."""
     root = Path(root)
     skills = [SKILLS[name] for name in config.world.skills]
-    # One generator per purpose, so changing e.g. an SFT size leaves the held-out set unchanged.
-    heldout_rng = random.Random(f"{config.seed}/heldout")
-    train_rng = random.Random(f"{config.seed}/pairs")
+    w = config.world
+    # One generator per purpose, so changing e.g. an origin size leaves the prompts unchanged.
+    counts = {"heldout": w.prompts_heldout_per_skill, "validation": w.prompts_validation_per_skill, "train": w.prompts_train_per_skill}
+    prompts: dict[str, Path] = {}
+    avoid: set[str] = set()
+    records: dict[str, list[dict[str, str]]] = {}
+    for split in ("heldout", "validation", "train"):  # held-out first: it never depends on the others
+        rng = random.Random(f"{config.seed}/prompts/{split}")
+        split_records = []
+        for skill in skills:
+            inputs = _draw_inputs(counts[split], rng, config, avoid, unique=True, what=f"{skill.name} {split}")
+            split_records += [prompt_record(skill, split, i, digits) for i, digits in enumerate(inputs)]
+        if split != "train":
+            avoid |= {r["input"] for r in split_records}
+        elif w.judge_noise > 0:  # only the judge reads it: the prompts it judges carry it
+            split_records = [{**r, "judge_noise": w.judge_noise} for r in split_records]
+        records[split] = split_records
+        prompts[split] = write_jsonl(root / "data" / f"prompts_{split}.jsonl", split_records)
 
-    heldout = [e for s in skills for e in _examples(s, "heldout", config.world.pairs_heldout_per_skill, heldout_rng, config, set(), True)]
-    avoid = {e.input for e in heldout}
-    train = [e for s in skills for e in _examples(s, "train", config.world.pairs_train_per_skill, train_rng, config, avoid, True)]
-    pairs_train = write_jsonl(root / "data" / "pairs_train.jsonl", [e.record() for e in train])
-    pairs_heldout = write_jsonl(root / "data" / "pairs_heldout.jsonl", [e.record() for e in heldout])
+    tasks = root / "tasks"
+    for split in ("heldout", "validation"):
+        for skill in skills:
+            rows = [r for r in records[split] if r["skill"] == skill.name]
+            write_task(tasks, skill.name, split, rows, config.evaluation.max_new_tokens)
 
-    sft_data: dict[str, Path] = {}
-    sft_counts: dict[str, dict[str, int]] = {}
+    origin_data: dict[str, Path] = {}
+    origin_counts: dict[str, dict[str, int]] = {}
     for spec in [config.pivot, *config.sources]:
-        rng = random.Random(f"{config.seed}/sft/{spec.name}")
-        counts = _sft_counts(spec.sft.steps * spec.sft.global_batch_size, spec.sft.mix, config.world.skills)
-        # Inputs may repeat within SFT data (a stream of tasks), never with held-out ones.
-        rows = [e for s in skills for e in _examples(s, f"sft-{spec.name}", counts[s.name], rng, config, avoid, False)]
-        # Interleave skills: the recipe shuffles anyway, but the file reads better this way.
-        rng.shuffle(rows)
-        sft_data[spec.name] = write_jsonl(root / "data" / f"sft_{spec.name}.jsonl", [e.record() for e in rows])
-        sft_counts[spec.name] = counts
+        rng = random.Random(f"{config.seed}/origin/{spec.name}")
+        per_skill = _origin_counts(spec.origin.steps * spec.origin.global_batch_size, spec.origin.mix, config.world.skills)
+        rows: list[Example] = []
+        for skill in skills:
+            # A stream of tasks: inputs may repeat (and meet training prompts), never validation
+            # or held-out ones.
+            inputs = _draw_inputs(per_skill[skill.name], rng, config, avoid, unique=False, what=f"{skill.name} origin")
+            for i, digits in enumerate(inputs):
+                wrong, kind = skill.corrupt(digits, rng)
+                rows.append(Example(f"{skill.name}/origin-{spec.name}/{i:05d}", skill.name, digits, skill.prompt(digits), skill.solve(digits), wrong, kind))
+        rng.shuffle(rows)  # the recipe shuffles anyway, but the file reads better this way
+        origin_data[spec.name] = write_jsonl(root / "data" / f"origin_{spec.name}.jsonl", [e.record() for e in rows])
+        origin_counts[spec.name] = per_skill
 
+    probe = records["heldout"][0]
     model_dirs: dict[str, Path] = {}
     models: dict[str, Any] = {}
     for role, spec in [("pivot", config.pivot)] + [("source", s) for s in config.sources]:
-        directory, facts = build_model_dir(spec, root / "models" / "init" / spec.name, train[:1] + heldout[:1])
+        directory, facts = build_model_dir(spec, root / "models" / "init" / spec.name, probe)
         model_dirs[spec.name] = directory
-        models[spec.name] = {"role": role, **facts, "sft_rows": sft_counts[spec.name]}
+        models[spec.name] = {"role": role, **facts, "origin_rows": origin_counts[spec.name], "samples": spec.samples}
 
     description = {
         "skills": {s.name: {"example": {"prompt": s.prompt("48213"), "answer": s.solve("48213")}} for s in skills},
-        "digits": [config.world.min_digits, config.world.max_digits],
-        "pairs_train": len(train),
-        "pairs_heldout": len(heldout),
-        "corruptions": sorted({e.corruption for e in train}),
+        "digits": [w.min_digits, w.max_digits],
+        "prompts": {split: len(records[split]) for split in PROMPT_SPLITS},
         "models": models,
     }
     (root / "world.json").write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
-    return WorldFiles(root, model_dirs, sft_data, pairs_train, pairs_heldout, description)
+    return WorldFiles(root, model_dirs, origin_data, prompts, tasks, description)
 
 
 # --------------------------------------------------------------------------- models
 
 
-def build_model_dir(spec: ModelSpec, directory: Path, probe: list[Example]) -> tuple[Path, dict[str, Any]]:
+def build_model_dir(spec: ModelSpec, directory: Path, probe: dict[str, str]) -> tuple[Path, dict[str, Any]]:
     """A random tiny HF model of ``spec.family`` with ``spec.tokenizer``; returns facts about it.
 
     The model's bos/eos/pad ids are set to its tokenizer's, so the exported checkpoints
@@ -294,7 +404,8 @@ def build_model_dir(spec: ModelSpec, directory: Path, probe: list[Example]) -> t
 
     # What the report shows: the same row in this model's own tokens.
     response = ResponseTokenizer(tokenizer)
-    pair = response.encode_pair(rows_from_records([probe[0].record()])[0])
+    messages = probe_messages(probe)
+    pair = response.encode_pair(rows_from_records([{"prompt": probe["prompt"], "chosen": probe["reference"], "rejected": probe["input"] + "0"}])[0])
     facts = {
         "family": spec.family,
         "architecture": type(model).__name__,
@@ -305,9 +416,9 @@ def build_model_dir(spec: ModelSpec, directory: Path, probe: list[Example]) -> t
         "layers": int(model.config.num_hidden_layers),
         "eos_token": tokenizer.eos_token,
         "probe": {
-            "prompt": probe[0].prompt,
-            "chosen": probe[0].chosen,
-            "rendered": response.render_text(pair_messages(probe[0]), add_generation_prompt=False),
+            "prompt": probe["prompt"],
+            "chosen": probe["reference"],
+            "rendered": response.render_text(messages, add_generation_prompt=False),
             "prompt_tokens": pair.chosen.response_start,
             "response_tokens": pair.chosen.num_response_tokens,
         },
@@ -315,8 +426,8 @@ def build_model_dir(spec: ModelSpec, directory: Path, probe: list[Example]) -> t
     return directory, facts
 
 
-def pair_messages(example: Example) -> list[dict[str, str]]:
-    return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.chosen}]
+def probe_messages(probe: dict[str, str]) -> list[dict[str, str]]:
+    return [{"role": "user", "content": probe["prompt"]}, {"role": "assistant", "content": probe["reference"]}]
 
 
 def _check_coverage(spec: ModelSpec, tokenizer: Any) -> None:
@@ -333,3 +444,21 @@ def _check_coverage(spec: ModelSpec, tokenizer: Any) -> None:
     ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
     if len(ids) != len(sample) or tokenizer.decode(ids) != sample:
         raise ValueError(f"{spec.name}: tokenizer {spec.tokenizer!r} merges digits ({sample!r} -> {len(ids)} tokens)")
+
+
+def load_world(root: str | Path) -> WorldFiles:
+    """The :class:`WorldFiles` of a world :func:`build_world` wrote under ``root``."""
+    root = Path(root)
+    path = root / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {root} is not a demo world (run the demo first)")
+    description = json.loads(path.read_text())
+    names = list(description["models"])
+    return WorldFiles(
+        root,
+        {name: root / "models" / "init" / name for name in names},
+        {name: root / "data" / f"origin_{name}.jsonl" for name in names},
+        {split: root / "data" / f"prompts_{split}.jsonl" for split in PROMPT_SPLITS},
+        root / "tasks",
+        description,
+    )
