@@ -49,10 +49,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from nemo_infifpo.data.errors import InputError
 from nemo_infifpo.data.policy import ExclusionLog, RowExclusion, RowPolicy
@@ -68,12 +68,15 @@ __all__ = [
     "load_preference_rows",
     "normalize_record",
     "read_preference_rows",
+    "read_records",
     "rows_from_records",
 ]
 
 Message = dict[str, str]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 HASH_ID_LENGTH = 16
+
+_Row = TypeVar("_Row")
 
 
 class PreferenceDataError(InputError):
@@ -185,19 +188,37 @@ def read_preference_rows(
     left out and recorded, or stop the read; too many of them stop it with a summary
     (:class:`~nemo_infifpo.data.policy.TooManyExcludedRows`). The same file and policy give
     the same rows in every stage and on every rank."""
+    rows, excluded, total = read_records(path, normalize_record, split=split, policy=policy, stage=stage)
+    return RowsRead(rows=rows, excluded=excluded, total=total)
+
+
+def read_records(
+    path: str | Path,
+    normalize: Callable[..., _Row],
+    *,
+    split: str | None = None,
+    policy: RowPolicy | None = None,
+    stage: str = "read",
+    what: str = "rows",
+) -> tuple[list[_Row], list[RowExclusion], int]:
+    """(usable rows in file order, rows left out, records in the file) of any accepted file,
+    each record turned into a row by ``normalize(record, source=, number=, location=)`` (which
+    raises :class:`PreferenceDataError`; the row has an ``id``). Invalid rows are left out and
+    recorded, or stop the read, as ``policy`` says; a duplicated id leaves out every occurrence.
+    ``what`` names the rows in errors (``rows``, ``prompts``)."""
     policy = policy or RowPolicy()
     log = ExclusionLog(policy, stage=stage)
     source, location, numbered = _open_records(Path(path), split)
-    kept: list[tuple[int, PreferenceRow]] = []
+    kept: list[tuple[int, _Row]] = []
     total = 0
     for number, record in numbered:
         total += 1
         try:
-            kept.append((number, normalize_record(record, source=source, number=number, location=location)))
+            kept.append((number, normalize(record, source=source, number=number, location=location)))
         except PreferenceDataError as error:
             log.reject(error, location=error.place)
     if total == 0:
-        raise PreferenceDataError("no rows (the file is empty)", source=source, reason="no_rows")
+        raise PreferenceDataError(f"no {what} (the file is empty)", source=source, reason="no_rows")
 
     # An id that occurs twice names two different rows: neither can be trusted to be the one
     # another model scored, so all of its occurrences go.
@@ -223,10 +244,10 @@ def read_preference_rows(
             ),
             location=f"{source}, {location} {number}",
         )
-    log.check(total)
+    log.check(total, what=what)
     if not rows:
-        raise PreferenceDataError("no usable rows (every row was excluded)", source=source, reason="no_rows")
-    return RowsRead(rows=rows, excluded=log.entries, total=total)
+        raise PreferenceDataError(f"no usable {what} (every row was excluded)", source=source, reason="no_rows")
+    return rows, log.entries, total
 
 
 def _open_records(path: Path, split: str | None) -> tuple[str, str, Iterable[tuple[int, Any]]]:

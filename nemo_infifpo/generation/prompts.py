@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemo_infifpo.data.policy import ExclusionLog, RowExclusion, RowPolicy
-from nemo_infifpo.data.rows import ROLES, Message, PreferenceDataError, _BadRecord, _open_records
+from nemo_infifpo.data.policy import RowExclusion, RowPolicy
+from nemo_infifpo.data.rows import ROLES, Message, PreferenceDataError, _BadRecord, read_records
 from nemo_infifpo.data.scored_set import canonical_json
 
 __all__ = ["PromptRow", "PromptsRead", "prompt_hash_id", "prompts_fingerprint", "read_prompt_rows"]
@@ -81,41 +81,11 @@ def read_prompt_rows(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompts not found: {path}")
-    policy = policy or RowPolicy()
-    log = ExclusionLog(policy, stage=stage)
-    source, location, numbered = _open_records(path, split)
-    kept: list[tuple[int, PromptRow]] = []
-    total = 0
-    for number, record in numbered:
-        total += 1
-        try:
-            kept.append((number, normalize_prompt_record(record, source=source, number=number, location=location)))
-        except PreferenceDataError as error:
-            log.reject(error, location=error.place)
-    if total == 0:
-        raise PreferenceDataError("no prompts (the file is empty)", source=source, reason="no_rows")
-    numbers_of: dict[str, list[int]] = {}
-    for number, row in kept:
-        numbers_of.setdefault(row.id, []).append(number)
-    rows = []
-    for number, row in kept:
-        numbers = numbers_of[row.id]
-        if len(numbers) == 1:
-            rows.append(row)
-            continue
-        others = ", ".join(f"{location} {n}" for n in numbers if n != number)
-        log.reject(
-            PreferenceDataError(
-                f"duplicate id, also at {others}", source=source, location=location, number=number,
-                row_id=row.id, field="id", reason="duplicate_id",
-            ),
-            location=f"{source}, {location} {number}",
-        )
-    log.check(total, what="prompts")
-    if not rows:
-        raise PreferenceDataError("no usable prompts (every row was excluded)", source=source, reason="no_rows")
+    rows, excluded, total = read_records(
+        path, normalize_prompt_record, split=split, policy=policy, stage=stage, what="prompts"
+    )
     rows.sort(key=lambda r: r.id)
-    return PromptsRead(rows=rows, excluded=log.entries, total=total)
+    return PromptsRead(rows=rows, excluded=excluded, total=total)
 
 
 def normalize_prompt_record(record: Any, *, source: str, number: int | None, location: str = "row") -> PromptRow:
