@@ -28,8 +28,13 @@ from typing import Any
 from nemo_infifpo.atomic import write_json_atomic
 from nemo_infifpo.data.errors import InputError
 from nemo_infifpo.data.scored_set import canonical_json, write_parquet_atomic
-from nemo_infifpo.scoring.manifest import MANIFEST_NAME, ScoringMismatchError, manifest_lock
-from nemo_infifpo.scoring.shards import shard_name, shard_slices
+from nemo_infifpo.scoring.manifest import (
+    MANIFEST_NAME,
+    ScoringMismatchError,
+    check_or_create_manifest_file,
+    read_manifest_file,
+)
+from nemo_infifpo.scoring.shards import refresh_manifest_file, shard_name, shard_slices
 
 __all__ = [
     "MANIFEST_NAME",
@@ -97,16 +102,12 @@ def _short(value: Any) -> str:
 
 
 def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(output_dir) / MANIFEST_NAME
-    if not path.is_file():
+    def problem(data: Mapping[str, Any]) -> str | None:
+        if data.get("manifest_version") != MANIFEST_VERSION or "identity" not in data or "stage" not in data["identity"]:
+            return "not a manifest of a generate or judge output; choose a new output_dir"
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise OutputMismatchError(f"{path}: unreadable manifest ({error.msg})") from None
-    if data.get("manifest_version") != MANIFEST_VERSION or "identity" not in data or "stage" not in data["identity"]:
-        raise OutputMismatchError(f"{path}: not a manifest of a generate or judge output; choose a new output_dir")
-    return data
+
+    return read_manifest_file(output_dir, error=OutputMismatchError, problem=problem)
 
 
 def check_or_create_manifest(
@@ -114,37 +115,21 @@ def check_or_create_manifest(
 ) -> dict[str, Any]:
     """Compare ``identity`` with the directory's manifest (raise :class:`OutputMismatchError`
     on any difference); write a new manifest when there is none and ``create`` is set."""
-    output_dir = Path(output_dir)
-    if create:
-        # Array tasks start together: "no manifest yet" and writing one must be one step.
-        with manifest_lock(output_dir):
-            return _check_or_create(output_dir, identity, info, create=True)
-    return _check_or_create(output_dir, identity, info, create=False)
+    return check_or_create_manifest_file(output_dir, identity, info, create=create, version=MANIFEST_VERSION,
+                                         read=read_manifest, on_mismatch=_replace_or_refuse)
 
 
-def _check_or_create(
-    output_dir: Path, identity: StageIdentity, info: Mapping[str, Any], *, create: bool
-) -> dict[str, Any]:
-    existing = read_manifest(output_dir)
-    if existing is not None:
-        differences = StageIdentity.from_dict(existing["identity"]).differences(identity)
-        if differences and not any(output_dir.glob("shard-*-of-*.json")):
-            # Nothing was computed under the old inputs (say, a run that failed to load its
-            # model): the manifest alone is not worth keeping, and a rerun with the fix must work.
-            log.warning("%s: replacing the manifest of a run that computed nothing (%s)", output_dir, "; ".join(differences))
-            existing = None
-        elif differences:
-            raise OutputMismatchError(
-                f"{output_dir} already holds {existing['identity']['stage']} results computed from different "
-                f"inputs (recorded vs now): {'; '.join(differences)}. To compute these inputs, choose a new "
-                "output_dir, or delete this directory to start fresh."
-            )
-        if existing is not None:
-            return existing
-    manifest = {"manifest_version": MANIFEST_VERSION, "identity": identity.to_dict(), "info": dict(info), "shards": []}
-    if create:
-        write_json_atomic(output_dir / MANIFEST_NAME, manifest)
-    return manifest
+def _replace_or_refuse(output_dir: Path, existing: Mapping[str, Any], differences: list[str]) -> None:
+    if not any(output_dir.glob("shard-*-of-*.json")):
+        # Nothing was computed under the old inputs (say, a run that failed to load its
+        # model): the manifest alone is not worth keeping, and a rerun with the fix must work.
+        log.warning("%s: replacing the manifest of a run that computed nothing (%s)", output_dir, "; ".join(differences))
+        return
+    raise OutputMismatchError(
+        f"{output_dir} already holds {existing['identity']['stage']} results computed from different "
+        f"inputs (recorded vs now): {'; '.join(differences)}. To compute these inputs, choose a new "
+        "output_dir, or delete this directory to start fresh."
+    )
 
 
 def _paths(output_dir: Path, index: int, count: int) -> tuple[Path, Path]:
@@ -223,31 +208,16 @@ def shard_is_complete(
 def refresh_manifest(output_dir: str | Path) -> dict[str, Any] | None:
     """Rewrite the manifest's per-shard summary from the sidecars (which are authoritative);
     concurrent tasks take turns (the manifest lock)."""
-    output_dir = Path(output_dir)
-    with manifest_lock(output_dir):
-        return _refresh_manifest(output_dir)
 
+    def problem(output_dir: Path, index: int, identity: StageIdentity) -> str | None:
+        return shard_is_complete(output_dir, index, identity, verify_checksum=False)
 
-def _refresh_manifest(output_dir: Path) -> dict[str, Any] | None:
-    manifest = read_manifest(output_dir)
-    if manifest is None:
-        return None
-    identity = StageIdentity.from_dict(manifest["identity"])
-    shards = []
-    for index in range(identity.shard_count):
-        problem = shard_is_complete(output_dir, index, identity, verify_checksum=False)
-        entry: dict[str, Any] = {"index": index, "file": f"{shard_name(index, identity.shard_count)}.parquet"}
-        if problem is None:
-            sidecar = read_sidecar(output_dir, index, identity.shard_count) or {}
-            entry.update(status="complete", prompts=sidecar.get("num_prompts"), records=sidecar.get("num_records"),
-                         excluded=sidecar.get("num_excluded"))
-        else:
-            entry.update(status="pending", reason=problem)
-        shards.append(entry)
-    manifest["shards"] = shards
-    manifest["complete"] = all(entry["status"] == "complete" for entry in shards)
-    write_json_atomic(output_dir / MANIFEST_NAME, manifest)
-    return manifest
+    def summary(output_dir: Path, index: int, identity: StageIdentity) -> dict[str, Any]:
+        sidecar = read_sidecar(output_dir, index, identity.shard_count) or {}
+        return {"prompts": sidecar.get("num_prompts"), "records": sidecar.get("num_records"),
+                "excluded": sidecar.get("num_excluded")}
+
+    return refresh_manifest_file(output_dir, StageIdentity, read=read_manifest, problem=problem, summary=summary)
 
 
 def complete_manifest(output_dir: str | Path, *, stage: str, role: str) -> tuple[dict[str, Any], StageIdentity]:

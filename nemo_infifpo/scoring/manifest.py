@@ -27,10 +27,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from nemo_infifpo.atomic import write_json_atomic
 from nemo_infifpo.data.rows import PreferenceRow
@@ -40,12 +40,15 @@ __all__ = [
     "MANIFEST_NAME",
     "manifest_lock",
     "MANIFEST_VERSION",
+    "RunIdentity",
     "ScoringIdentity",
     "ScoringMismatchError",
     "check_or_create_manifest",
+    "check_or_create_manifest_file",
     "dataset_fingerprint",
     "model_fingerprint",
     "read_manifest",
+    "read_manifest_file",
     "write_json_atomic",
 ]
 
@@ -72,6 +75,22 @@ _TOKENIZER_FILES = frozenset(
 # Small files whose content (not just size) is part of the model's identity.
 _HASHED_CONTENT_SUFFIXES = ("config.json", ".index.json")
 _READ_CHUNK = 1 << 20
+
+
+
+class RunIdentity(Protocol):
+    """What a manifest records and compares (:class:`ScoringIdentity`, a generation stage's
+    identity): everything that decides an output directory's results."""
+
+    @property
+    def shard_count(self) -> int: ...
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def differences(self, other: Any) -> list[str]: ...
 
 
 class ScoringMismatchError(RuntimeError):
@@ -172,18 +191,36 @@ def dataset_fingerprint(rows: Iterable[PreferenceRow]) -> str:
 
 def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
     """The manifest of a scoring output directory, or None if there is none yet."""
+
+    def problem(data: Mapping[str, Any]) -> str | None:
+        if data.get("manifest_version") != MANIFEST_VERSION:
+            return (
+                f"manifest_version {data.get('manifest_version')!r}, this package writes "
+                f"{MANIFEST_VERSION}; score into a new output_dir"
+            )
+        return None
+
+    return read_manifest_file(output_dir, error=ScoringMismatchError, problem=problem)
+
+
+def read_manifest_file(
+    output_dir: str | Path,
+    *,
+    error: type[Exception],
+    problem: Callable[[Mapping[str, Any]], str | None],
+) -> dict[str, Any] | None:
+    """The manifest in ``output_dir``, or None if there is none yet. Raises ``error`` when it
+    is not JSON, or when ``problem(manifest)`` says why this reader cannot use it."""
     path = Path(output_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ScoringMismatchError(f"{path}: unreadable manifest ({error.msg})") from None
-    if data.get("manifest_version") != MANIFEST_VERSION:
-        raise ScoringMismatchError(
-            f"{path}: manifest_version {data.get('manifest_version')!r}, this package writes "
-            f"{MANIFEST_VERSION}; score into a new output_dir"
-        )
+    except json.JSONDecodeError as bad_json:
+        raise error(f"{path}: unreadable manifest ({bad_json.msg})") from None
+    reason = problem(data)
+    if reason is not None:
+        raise error(f"{path}: {reason}")
     return data
 
 
@@ -197,13 +234,54 @@ def check_or_create_manifest(
     """Compare ``identity`` with the directory's manifest; write a new manifest when there is
     none and ``create`` is set (one writer per job). Raises :class:`ScoringMismatchError` on
     any difference."""
+
+    def refuse(output_dir: Path, existing: Mapping[str, Any], differences: list[str]) -> None:
+        raise ScoringMismatchError(
+            f"{output_dir} already holds scores computed from different inputs "
+            f"(recorded vs now): {'; '.join(differences)}. To score these inputs, choose a "
+            "new output_dir, or delete this directory to start fresh."
+        )
+
+    return check_or_create_manifest_file(
+        output_dir, identity, info, create=create, version=MANIFEST_VERSION, read=read_manifest, on_mismatch=refuse
+    )
+
+
+def check_or_create_manifest_file(
+    output_dir: str | Path,
+    identity: RunIdentity,
+    info: Mapping[str, Any],
+    *,
+    create: bool,
+    version: int,
+    read: Callable[[Path], dict[str, Any] | None],
+    on_mismatch: Callable[[Path, dict[str, Any], list[str]], None],
+) -> dict[str, Any]:
+    """Compare ``identity`` with the one recorded in the manifest that ``read`` finds in
+    ``output_dir`` (read back with ``type(identity).from_dict``); write a new manifest
+    (``manifest_version`` ``version``) when there is none and ``create`` is set. On a
+    difference ``on_mismatch(output_dir, manifest, differences)`` raises to refuse, or returns
+    to have the manifest replaced."""
     output_dir = Path(output_dir)
-    if create:
-        # Array tasks start together: reading "no manifest" and writing one must be a single
-        # step, or a task with other inputs could overwrite the first task's manifest.
-        with manifest_lock(output_dir):
-            return _check_or_create(output_dir, identity, info, create=True)
-    return _check_or_create(output_dir, identity, info, create=False)
+    # Array tasks start together: reading "no manifest" and writing one must be a single
+    # step, or a task with other inputs could overwrite the first task's manifest.
+    with manifest_lock(output_dir) if create else contextlib.nullcontext():
+        existing = read(output_dir)
+        if existing is not None:
+            recorded = type(identity).from_dict(existing["identity"])
+            differences = recorded.differences(identity)
+            if not differences:
+                return existing
+            on_mismatch(output_dir, existing, differences)
+        manifest = {
+            "manifest_version": version,
+            "identity": identity.to_dict(),
+            "info": dict(info),
+            "shards": [],
+        }
+        if create:
+            write_json_atomic(output_dir / MANIFEST_NAME, manifest)
+        return manifest
 
 
 @contextlib.contextmanager
@@ -221,28 +299,3 @@ def manifest_lock(output_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
-
-
-def _check_or_create(
-    output_dir: Path, identity: ScoringIdentity, info: Mapping[str, Any], *, create: bool
-) -> dict[str, Any]:
-    existing = read_manifest(output_dir)
-    if existing is not None:
-        recorded = ScoringIdentity.from_dict(existing["identity"])
-        differences = recorded.differences(identity)
-        if differences:
-            raise ScoringMismatchError(
-                f"{output_dir} already holds scores computed from different inputs "
-                f"(recorded vs now): {'; '.join(differences)}. To score these inputs, choose a "
-                "new output_dir, or delete this directory to start fresh."
-            )
-        return existing
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "identity": identity.to_dict(),
-        "info": dict(info),
-        "shards": [],
-    }
-    if create:
-        write_json_atomic(output_dir / MANIFEST_NAME, manifest)
-    return manifest

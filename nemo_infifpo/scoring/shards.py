@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from nemo_infifpo.data.templates import ExcludedRow
 from nemo_infifpo.scoring.manifest import (
     MANIFEST_NAME,
     manifest_lock,
+    RunIdentity,
     ScoringIdentity,
     read_manifest,
     write_json_atomic,
@@ -49,6 +50,7 @@ __all__ = [
     "read_shard_scores",
     "read_sidecar",
     "refresh_manifest",
+    "refresh_manifest_file",
     "shard_is_complete",
     "shard_name",
     "shard_slices",
@@ -291,34 +293,47 @@ def refresh_manifest(output_dir: str | Path) -> dict[str, Any] | None:
     to look at. Concurrent array tasks take turns (the manifest lock), and every rewrite reads
     all sidecars, so the last one is at least as current as any before it.
     """
+
+    def problem(output_dir: Path, index: int, identity: ScoringIdentity) -> str | None:
+        return shard_is_complete(output_dir, index, identity.shard_count, identity, verify_checksum=False)
+
+    def summary(output_dir: Path, index: int, identity: ScoringIdentity) -> dict[str, Any]:
+        result = read_sidecar(output_dir, index, identity.shard_count)
+        assert result is not None
+        return {"rows": result.num_rows, "scored": result.num_scored, "excluded": len(result.excluded)}
+
+    return refresh_manifest_file(output_dir, ScoringIdentity, read=read_manifest, problem=problem, summary=summary)
+
+
+def refresh_manifest_file(
+    output_dir: str | Path,
+    identity_type: type[RunIdentity],
+    *,
+    read: Callable[[Path], dict[str, Any] | None],
+    problem: Callable[[Path, int, Any], str | None],
+    summary: Callable[[Path, int, Any], Mapping[str, Any]],
+) -> dict[str, Any] | None:
+    """Rewrite the per-shard summary of the manifest that ``read`` finds in ``output_dir`` (None
+    when there is none), under the manifest lock: per shard its file and ``status``, complete
+    with ``summary(output_dir, index, identity)`` or pending with the ``reason`` that
+    ``problem(output_dir, index, identity)`` gives; and whether all shards are complete."""
     output_dir = Path(output_dir)
     with manifest_lock(output_dir):
-        return _refresh_manifest(output_dir)
-
-
-def _refresh_manifest(output_dir: Path) -> dict[str, Any] | None:
-    manifest = read_manifest(output_dir)
-    if manifest is None:
-        return None
-    identity = ScoringIdentity.from_dict(manifest["identity"])
-    count = identity.shard_count
-    shards = []
-    for index in range(count):
-        problem = shard_is_complete(output_dir, index, count, identity, verify_checksum=False)
-        entry: dict[str, Any] = {"index": index, "file": f"{shard_name(index, count)}.parquet"}
-        if problem is None:
-            result = read_sidecar(output_dir, index, count)
-            assert result is not None
-            entry.update(
-                status="complete",
-                rows=result.num_rows,
-                scored=result.num_scored,
-                excluded=len(result.excluded),
-            )
-        else:
-            entry.update(status="pending", reason=problem)
-        shards.append(entry)
-    manifest["shards"] = shards
-    manifest["complete"] = all(entry["status"] == "complete" for entry in shards)
-    write_json_atomic(output_dir / MANIFEST_NAME, manifest)
-    return manifest
+        manifest = read(output_dir)
+        if manifest is None:
+            return None
+        identity = identity_type.from_dict(manifest["identity"])
+        count = identity.shard_count
+        shards = []
+        for index in range(count):
+            reason = problem(output_dir, index, identity)
+            entry: dict[str, Any] = {"index": index, "file": f"{shard_name(index, count)}.parquet"}
+            if reason is None:
+                entry.update(status="complete", **summary(output_dir, index, identity))
+            else:
+                entry.update(status="pending", reason=reason)
+            shards.append(entry)
+        manifest["shards"] = shards
+        manifest["complete"] = all(entry["status"] == "complete" for entry in shards)
+        write_json_atomic(output_dir / MANIFEST_NAME, manifest)
+        return manifest
