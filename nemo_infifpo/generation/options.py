@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_infifpo.data.errors import ConfigError
+from nemo_infifpo.option_values import as_boolean, as_number, as_optional_integer
 
 __all__ = ["Options"]
 
@@ -42,32 +43,14 @@ class Options:
         return None if value is None else str(value)
 
     def integer(self, key: str, default: int | None = None) -> int | None:
-        value = self.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        return as_optional_integer(key, self.get(key, default))
 
     def number(self, key: str, default: float | None = None) -> float | None:
         value = self.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        return None if value is None else as_number(key, value)
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self.get(key, default)
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return as_boolean(key, self.get(key, default))
 
     def mapping(self, key: str) -> dict[str, Any]:
         value = self.get(key, {})

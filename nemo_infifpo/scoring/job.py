@@ -40,6 +40,7 @@ from nemo_infifpo.data.templates import (
 )
 from nemo_infifpo.locking import OutputLockedError
 from nemo_infifpo.models.architecture import parse_dtype
+from nemo_infifpo.option_values import as_boolean, as_integer, as_optional_integer
 from nemo_infifpo.scoring.backends import (
     BACKENDS,
     DTYPES,
@@ -112,23 +113,6 @@ class ScoreConfig:
                 raise ConfigError(f"{name} must be a mapping of options, got {value!r}")
             return value
 
-        def integer(key: str, value: Any) -> int:
-            # bool is an int subclass; "8" from a shell is fine, "eight" is not.
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise ConfigError(f"{key} must be an integer, got {value!r}")
-            try:
-                return int(value)
-            except ValueError:
-                raise ConfigError(f"{key} must be an integer, got {value!r}") from None
-
-        def optional_int(key: str, value: Any) -> int | None:
-            return None if value is None else integer(key, value)
-
-        def boolean(key: str, value: Any) -> bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key} must be true or false, got {value!r}")
-            return value
-
         model, data, tokenizer = section("model"), section("data"), section("tokenizer")
         batch, shard, hf = section("batch"), section("shard"), section("hf")
         missing = [
@@ -152,15 +136,15 @@ class ScoreConfig:
         return cls(
             model_path=str(model["path"]),
             backend=str(model.get("backend", "megatron")),
-            tensor_model_parallel_size=integer(
+            tensor_model_parallel_size=as_integer(
                 "model.tensor_model_parallel_size", model.get("tensor_model_parallel_size", 1)
             ),
-            pipeline_model_parallel_size=integer(
+            pipeline_model_parallel_size=as_integer(
                 "model.pipeline_model_parallel_size", model.get("pipeline_model_parallel_size", 1)
             ),
             data_path=str(data["path"]),
             data_split=data.get("split"),
-            max_length=optional_int("data.max_length", data.get("max_length")),
+            max_length=as_optional_integer("data.max_length", data.get("max_length")),
             on_invalid_row=policy.on_invalid_row,
             max_excluded_fraction=policy.max_excluded_fraction,
             output_dir=str(cfg["output_dir"]),
@@ -170,14 +154,14 @@ class ScoreConfig:
             boundary=str(tokenizer.get("boundary") or "conversation"),
             template_date=None if tokenizer.get("template_date") is None else str(tokenizer["template_date"]),
             dtype=str(cfg.get("dtype", "bfloat16")),
-            max_tokens=integer("batch.max_tokens", batch.get("max_tokens", 16384)),
-            max_sequences=optional_int("batch.max_sequences", batch.get("max_sequences")),
-            micro_batch_size=optional_int("batch.micro_batch_size", batch.get("micro_batch_size")),
-            packing=boolean("batch.packing", batch.get("packing", False)),
-            pack_length=optional_int("batch.pack_length", batch.get("pack_length")),
-            pad_to_multiple_of=integer("batch.pad_to_multiple_of", batch.get("pad_to_multiple_of", 8)),
-            shard_index=optional_int("shard.index", shard.get("index")),
-            shard_count=integer("shard.count", shard.get("count", 1)),
+            max_tokens=as_integer("batch.max_tokens", batch.get("max_tokens", 16384)),
+            max_sequences=as_optional_integer("batch.max_sequences", batch.get("max_sequences")),
+            micro_batch_size=as_optional_integer("batch.micro_batch_size", batch.get("micro_batch_size")),
+            packing=as_boolean("batch.packing", batch.get("packing", False)),
+            pack_length=as_optional_integer("batch.pack_length", batch.get("pack_length")),
+            pad_to_multiple_of=as_integer("batch.pad_to_multiple_of", batch.get("pad_to_multiple_of", 8)),
+            shard_index=as_optional_integer("shard.index", shard.get("index")),
+            shard_count=as_integer("shard.count", shard.get("count", 1)),
             hf_logits=str(hf.get("logits", "auto")),
             progress=cfg.get("progress"),
         )
