@@ -41,7 +41,7 @@ __all__ = ["GENERATION_COLUMNS", "GenerateConfig", "GenerationSummary", "run_gen
 
 log = logging.getLogger(__name__)
 
-GENERATION_COLUMNS = ("prompt_id", "sample_index", "model", "text", "num_tokens", "finish_reason", "prompt_tokens")
+GENERATION_COLUMNS = outputs.GENERATION_COLUMNS
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -302,8 +302,6 @@ def _is_template_error(error: Exception) -> bool:
 def _generate_shard(config: GenerateConfig, generator: Any, renderer: ResponseTokenizer, identity: outputs.StageIdentity,
                     index: int, requests: list[Request], excluded: list[dict[str, Any]], stop_ids: list[int],
                     summary: GenerationSummary) -> None:
-    import pyarrow as pa
-
     label = outputs.shard_name(index, config.shard_count)
     started = time.perf_counter()
     samples = generator.generate(requests, config.sampling, stop_ids) if requests else []
@@ -323,15 +321,7 @@ def _generate_shard(config: GenerateConfig, generator: Any, renderer: ResponseTo
             columns["num_tokens"].append(sample.num_tokens)
             columns["finish_reason"].append(sample.finish_reason)
             columns["prompt_tokens"].append(len(request.prompt_ids))
-    table = pa.table({
-        "prompt_id": pa.array(columns["prompt_id"], type=pa.string()),
-        "sample_index": pa.array(columns["sample_index"], type=pa.int32()),
-        "model": pa.array(columns["model"], type=pa.string()),
-        "text": pa.array(columns["text"], type=pa.large_string()),
-        "num_tokens": pa.array(columns["num_tokens"], type=pa.int32()),
-        "finish_reason": pa.array(columns["finish_reason"], type=pa.string()),
-        "prompt_tokens": pa.array(columns["prompt_tokens"], type=pa.int32()),
-    })
+    table = outputs.record_table("generate", columns)
     seconds = time.perf_counter() - started
     outputs.write_shard(config.output_dir, index, identity, table, num_prompts=len(requests) + len(excluded),
                         excluded=excluded, run_info={"seconds": round(seconds, 3), "samples": table.num_rows})

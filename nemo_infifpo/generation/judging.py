@@ -37,7 +37,7 @@ __all__ = ["JUDGE_COLUMNS", "JudgeConfig", "JudgeSummary", "generation_sources",
 
 log = logging.getLogger(__name__)
 
-JUDGE_COLUMNS = ("prompt_id", "model", "sample_index", "score")
+JUDGE_COLUMNS = outputs.JUDGE_COLUMNS
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -343,13 +343,6 @@ def _reward_model_judgements(config: JudgeConfig, judge: RewardModelJudge, world
 
 def _write(config: JudgeConfig, identity: outputs.StageIdentity, index: int, rows: list[PromptRow],
            records: list[tuple[str, str, int, float]], excluded: list[RowExclusion]) -> None:
-    import pyarrow as pa
-
-    table = pa.table({
-        "prompt_id": pa.array([r[0] for r in records], type=pa.string()),
-        "model": pa.array([r[1] for r in records], type=pa.string()),
-        "sample_index": pa.array([r[2] for r in records], type=pa.int32()),
-        "score": pa.array([r[3] for r in records], type=pa.float64()),
-    })
+    table = outputs.record_table("judge", {name: [r[k] for r in records] for k, name in enumerate(JUDGE_COLUMNS)})
     outputs.write_shard(config.output_dir, index, identity, table, num_prompts=len(rows),
                         excluded=[entry.to_dict() for entry in excluded])

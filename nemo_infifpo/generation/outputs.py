@@ -37,6 +37,8 @@ from nemo_infifpo.scoring.manifest import (
 from nemo_infifpo.scoring.shards import refresh_manifest_file, shard_name, shard_slices
 
 __all__ = [
+    "GENERATION_COLUMNS",
+    "JUDGE_COLUMNS",
     "MANIFEST_NAME",
     "OutputMismatchError",
     "StageIdentity",
@@ -44,6 +46,7 @@ __all__ = [
     "complete_manifest",
     "iter_record_batches",
     "read_manifest",
+    "record_table",
     "refresh_manifest",
     "shard_is_complete",
     "shard_name",
@@ -55,6 +58,15 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 _READ_CHUNK = 1 << 20
+
+# Each stage's record columns, in file order, with their Arrow types.
+_COLUMN_TYPES = {
+    "generate": (("prompt_id", "string"), ("sample_index", "int32"), ("model", "string"), ("text", "large_string"),
+                 ("num_tokens", "int32"), ("finish_reason", "string"), ("prompt_tokens", "int32")),
+    "judge": (("prompt_id", "string"), ("model", "string"), ("sample_index", "int32"), ("score", "float64")),
+}
+GENERATION_COLUMNS = tuple(name for name, _ in _COLUMN_TYPES["generate"])
+JUDGE_COLUMNS = tuple(name for name, _ in _COLUMN_TYPES["judge"])
 
 
 class OutputMismatchError(ScoringMismatchError):
@@ -143,6 +155,14 @@ def _sha256(path: Path) -> str:
         while chunk := handle.read(_READ_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def record_table(stage: str, columns: Mapping[str, Sequence[Any]]) -> Any:
+    """The Arrow table of a ``stage`` (generate | judge) shard from one list per column, with
+    the column order and types that the readers of that stage's outputs expect."""
+    import pyarrow as pa
+
+    return pa.table({name: pa.array(columns[name], type=getattr(pa, kind)()) for name, kind in _COLUMN_TYPES[stage]})
 
 
 def write_shard(

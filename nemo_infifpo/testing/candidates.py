@@ -52,8 +52,6 @@ def write_synthetic_run(
     """Write ``root/prompts.jsonl``, ``root/gen/<model>/`` (one per entry of ``samples``: model
     name -> samples per prompt) and ``root/judge/``; return their paths. Memory holds one
     generation shard and the judge scores (a few bytes per answer)."""
-    import pyarrow as pa
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     corpus = _corpus(seed)
@@ -69,7 +67,7 @@ def write_synthetic_run(
     generation_dirs: list[Path] = []
     digests = []
     judge_slices = outputs.shard_slices(len(ids), judge_shards)
-    judge_parts: list[dict[str, list[Any]]] = [{"prompt_id": [], "model": [], "sample_index": [], "score": []}
+    judge_parts: list[dict[str, list[Any]]] = [{name: [] for name in outputs.JUDGE_COLUMNS}
                                                for _ in range(judge_shards)]
     for model_index, (model, n) in enumerate(samples.items()):
         directory = root / "gen" / model
@@ -79,8 +77,7 @@ def write_synthetic_run(
                                          generation_shards)
         outputs.check_or_create_manifest(directory, identity, {"synthetic": True}, create=True)
         for shard, part in enumerate(outputs.shard_slices(len(ids), generation_shards)):
-            columns: dict[str, list[Any]] = {"prompt_id": [], "sample_index": [], "model": [], "text": [],
-                                             "num_tokens": [], "finish_reason": [], "prompt_tokens": []}
+            columns: dict[str, list[Any]] = {name: [] for name in outputs.GENERATION_COLUMNS}
             for prompt_id in ids[part]:
                 first = None
                 for sample in range(n):
@@ -101,15 +98,7 @@ def write_synthetic_run(
                     columns["num_tokens"].append(max(1, len(text) // 4))
                     columns["finish_reason"].append("length" if cut else "stop")
                     columns["prompt_tokens"].append(64)
-            table = pa.table({
-                "prompt_id": pa.array(columns["prompt_id"], type=pa.string()),
-                "sample_index": pa.array(columns["sample_index"], type=pa.int32()),
-                "model": pa.array(columns["model"], type=pa.string()),
-                "text": pa.array(columns["text"], type=pa.large_string()),
-                "num_tokens": pa.array(columns["num_tokens"], type=pa.int32()),
-                "finish_reason": pa.array(columns["finish_reason"], type=pa.string()),
-                "prompt_tokens": pa.array(columns["prompt_tokens"], type=pa.int32()),
-            })
+            table = outputs.record_table("generate", columns)
             outputs.write_shard(directory, shard, identity, table, num_prompts=len(ids[part]))
         outputs.refresh_manifest(directory)
         generation_dirs.append(directory)
@@ -133,12 +122,7 @@ def write_synthetic_run(
     for shard, part in enumerate(judge_parts):
         keys = sorted(range(len(part["prompt_id"])),
                       key=lambda i: (part["prompt_id"][i], order[part["model"][i]], part["sample_index"][i]))
-        table = pa.table({
-            "prompt_id": pa.array([part["prompt_id"][i] for i in keys], type=pa.string()),
-            "model": pa.array([part["model"][i] for i in keys], type=pa.string()),
-            "sample_index": pa.array([part["sample_index"][i] for i in keys], type=pa.int32()),
-            "score": pa.array([part["score"][i] for i in keys], type=pa.float64()),
-        })
+        table = outputs.record_table("judge", {name: [part[name][i] for i in keys] for name in outputs.JUDGE_COLUMNS})
         outputs.write_shard(judge_dir, shard, identity, table, num_prompts=len(ids[judge_slices[shard]]))
     outputs.refresh_manifest(judge_dir)
     return {"prompts": prompts_path, "generation_dirs": generation_dirs, "judge_dir": judge_dir}
