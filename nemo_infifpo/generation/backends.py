@@ -52,18 +52,12 @@ class Generator(Protocol):
 def plan_generation_batches(lengths: Sequence[int], n: int, max_tokens: int, max_prompts: int) -> list[list[int]]:
     """Request indices grouped by prompt length (longest first), each batch within
     ``max_tokens`` padded prompt tokens x ``n`` samples and ``max_prompts`` prompts."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and (len(current) >= max_prompts or longest * n * (len(current) + 1) > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+    from nemo_infifpo.scoring.batching import plan_batches
+
+    # k prompts padded to length L cost L * k * n tokens, within max_tokens exactly when L * k
+    # is within max_tokens // n (when n > max_tokens, every prompt is a batch of its own).
+    budget = max(1, max_tokens // n)
+    return [list(batch.indices) for batch in plan_batches(lengths, budget, max_sequences=max_prompts)]
 
 
 class HFGenerator:

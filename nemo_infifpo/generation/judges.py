@@ -96,18 +96,9 @@ class FunctionJudge:
 
 def plan_length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Indices grouped longest first, each batch within ``max_tokens`` padded tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        width = lengths[current[0]] if current else lengths[index]
-        if current and width * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+    from nemo_infifpo.scoring.batching import plan_batches
+
+    return [list(batch.indices) for batch in plan_batches(lengths, max_tokens)]
 
 
 class RewardModelJudge:
