@@ -36,6 +36,7 @@ from nemo_infifpo.generation.prompts import PromptRow, prompts_fingerprint, read
 from nemo_infifpo.generation.sampling import SamplingSettings, finish_sample
 from nemo_infifpo.scoring.job import check_output_dir
 from nemo_infifpo.scoring.manifest import model_fingerprint
+from nemo_infifpo.scoring.shards import ShardedRunSummary
 
 __all__ = ["GENERATION_COLUMNS", "GenerateConfig", "GenerationSummary", "run_generation"]
 
@@ -134,10 +135,7 @@ class GenerateConfig:
 
 
 @dataclass
-class GenerationSummary:
-    output_dir: Path
-    shards_computed: list[int] = field(default_factory=list)
-    shards_skipped: list[int] = field(default_factory=list)
+class GenerationSummary(ShardedRunSummary):
     samples: int = 0
     seconds: float = 0.0
 

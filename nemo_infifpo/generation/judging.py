@@ -32,6 +32,7 @@ from nemo_infifpo.generation.judges import JUDGE_TYPES, FunctionJudge, Judgement
 from nemo_infifpo.generation.options import Options
 from nemo_infifpo.generation.prompts import PromptRow, prompts_fingerprint, read_prompt_rows
 from nemo_infifpo.scoring.job import check_output_dir
+from nemo_infifpo.scoring.shards import ShardedRunSummary
 
 __all__ = ["JUDGE_COLUMNS", "JudgeConfig", "JudgeSummary", "generation_sources", "run_judge"]
 
@@ -124,10 +125,7 @@ class JudgeConfig:
 
 
 @dataclass
-class JudgeSummary:
-    output_dir: Path
-    shards_computed: list[int] = field(default_factory=list)
-    shards_skipped: list[int] = field(default_factory=list)
+class JudgeSummary(ShardedRunSummary):
     scored: int = 0
     excluded: int = 0
     seconds: float = 0.0

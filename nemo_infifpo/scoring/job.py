@@ -58,6 +58,7 @@ from nemo_infifpo.scoring.manifest import (
 )
 from nemo_infifpo.scoring.preprocess import BatchEncoder, MeasuredRows, measure_rows
 from nemo_infifpo.scoring.shards import (
+    ShardedRunSummary,
     ShardScores,
     lock_shards,
     refresh_manifest,
@@ -211,10 +212,7 @@ class ScoreConfig:
 
 
 @dataclass
-class ScoringSummary:
-    output_dir: Path
-    shards_computed: list[int] = field(default_factory=list)
-    shards_skipped: list[int] = field(default_factory=list)
+class ScoringSummary(ShardedRunSummary):
     rows_scored: int = 0
     rows_excluded: int = 0
     real_tokens: int = 0

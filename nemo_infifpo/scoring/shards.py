@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "lock_shards",
     "ShardResult",
     "ShardScores",
+    "ShardedRunSummary",
     "read_shard_scores",
     "read_sidecar",
     "refresh_manifest",
@@ -95,6 +96,16 @@ class ShardScores:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@dataclass
+class ShardedRunSummary:
+    """What a sharded job (score, generate, judge) did with its output directory's shards:
+    those it computed, and those it found finished (by an earlier run or another task)."""
+
+    output_dir: Path
+    shards_computed: list[int] = field(default_factory=list)
+    shards_skipped: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
