@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -25,10 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("demo-output-sweep"))
     parser.add_argument("--config-name", default="demo")
-    parser.add_argument("--sft-lr", type=float, nargs="+", default=list(defaults.sft_lr))
-    parser.add_argument("--sft-steps", type=int, nargs="+", default=list(defaults.sft_steps))
-    parser.add_argument("--lr", type=float, nargs="+", default=list(defaults.lr), help="preference learning rates")
-    parser.add_argument("--beta", type=float, nargs="+", default=list(defaults.beta))
+    parser.add_argument("--sft-lr", type=float, nargs="*", default=list(defaults.sft_lr))
+    parser.add_argument("--sft-steps", type=int, nargs="*", default=list(defaults.sft_steps))
+    parser.add_argument("--lr", type=float, nargs="*", default=list(defaults.lr), help="preference learning rates (none: no preference grid)")
+    parser.add_argument("--beta", type=float, nargs="*", default=list(defaults.beta))
     parser.add_argument("overrides", nargs="*", help="configs/demo.yaml overrides (after --)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
@@ -51,12 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         table = run_sweep(config, grid, args.output_dir, config_name=args.config_name)
     except StageFailed:
         return 1
-    print(table.read_text())
-    print(f"table: {table}")
+    print(f"{table.read_text()}\ntable: {table}")
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    sys.exit(main())  # every stage runs offline: nemo_infifpo.demo.pipeline.stage_env

@@ -451,8 +451,9 @@ def test_demo_sweep_on_validation_prompts(tmp_path):
     assert base["evaluation"]["split"] == "validation"
     assert set(base["evaluation"]["tasks"].values()) == {"demo_reverse_validation", "demo_sort_validation"}
     sweep = json.loads((out / "sweep.json").read_text())
-    assert sorted(sweep["runs"]) == ["dpo-lr0.0002-b0.3", "infifpo-lr0.0002-b0.3", "sft-lr0.002-s2"]
-    for name in sweep["runs"]:
+    # The configured SFT setting (the base run's p0) competes with the grid.
+    assert sorted(sweep["runs"]) == ["base-p0", "dpo-lr0.0002-b0.3", "infifpo-lr0.0002-b0.3", "sft-lr0.002-s2"]
+    for name in sorted(sweep["runs"])[1:]:
         evaluation = json.loads((out / "eval" / name / "summary.json").read_text())
         assert evaluation["tasks"] == ["demo_reverse_validation", "demo_sort_validation"]
     command = (out / "logs" / "train_infifpo-lr0.0002-b0.3.log").read_text().splitlines()[0]

@@ -246,6 +246,7 @@ def _plot_supervised(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 
 def _plot_accuracy(table: dict[str, Any], order: list[str], skills: list[str], config: DemoConfig, path: Path) -> None:
+    split = "held-out" if config.evaluation.split == "heldout" else config.evaluation.split
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 4.5))
@@ -256,11 +257,11 @@ def _plot_accuracy(table: dict[str, Any], order: list[str], skills: list[str], c
         errors = [2 * table[name][s]["stderr"] for s in skills]
         xs = [i + (j - (len(order) - 1) / 2) * width for i in range(len(skills))]
         hatch = "//" if name in sources else None
-        bars = ax.bar(xs, values, width, yerr=errors, capsize=3, label=label(name, config), hatch=hatch, alpha=0.6 if hatch else 1.0)
+        bars = ax.bar(xs, values, width, yerr=errors, capsize=3, label=label(name, config).replace("`", ""), hatch=hatch, alpha=0.6 if hatch else 1.0)
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
     ax.set_xticks(range(len(skills)), skills)
     ax.set_ylim(0, 1.15)
-    ax.set_title("greedy exact match on held-out prompts (lm-eval; bars: ±2 standard errors)")
+    ax.set_title(f"greedy exact match on {split} prompts (lm-eval; bars: ±2 standard errors)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", ncol=len(order), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()

@@ -142,32 +142,40 @@ def _write_tables(config: DemoConfig, grid: SweepGrid, runs: dict[str, Any], res
     for name, text in ((pivot, "pivot before fusion"), (P0, f"SFT (p0): lr {config.sft.lr}, {config.sft.steps} steps")):
         lines.append(f"| {text} | " + " | ".join(_cell(base[name], s) for s in skills) + f" | {100 * _mean(base[name], skills):.1f} |")
     sft = [n for n, r in runs.items() if r["part"] == "sft"]
-    best_sft = max(sft, key=lambda n: _mean(results[n], skills))
-    lines += ["", "## Stage-1 SFT from the pivot before fusion\n", "| lr | steps | " + " | ".join(skills) + " | mean |", "|---|---|" + "---|" * (len(skills) + 1)]
-    for n in sft:
-        r = runs[n]
-        mark = " **(best)**" if n == best_sft else ""
-        lines.append(f"| {r['lr']:g} | {r['steps']} | " + " | ".join(_cell(results[n], s) for s in skills) + f" | {100 * _mean(results[n], skills):.1f}{mark} |")
+    if sft and not any(runs[n]["lr"] == config.sft.lr and runs[n]["steps"] == config.sft.steps for n in sft):
+        # The configured setting competes too: its run is the base's p0.
+        runs["base-p0"] = {"part": "sft", "lr": config.sft.lr, "steps": config.sft.steps}
+        results["base-p0"] = base[P0]
+        sft.insert(0, "base-p0")
+    best_sft = max(sft, key=lambda n: _mean(results[n], skills)) if sft else None
+    if sft:
+        lines += ["", "## Stage-1 SFT from the pivot before fusion\n", "| lr | steps | " + " | ".join(skills) + " | mean |", "|---|---|" + "---|" * (len(skills) + 1)]
+        for n in sft:
+            r = runs[n]
+            mark = " **(best)**" if n == best_sft else ""
+            lines.append(f"| {r['lr']:g} | {r['steps']} | " + " | ".join(_cell(results[n], s) for s in skills) + f" | {100 * _mean(results[n], skills):.1f}{mark} |")
     pref = [n for n, r in runs.items() if r["part"] == "preference"]
-    best = {loss: max((n for n in pref if runs[n]["loss"] == loss), key=lambda n: _mean(results[n], skills)) for loss in (INFIFPO, DPO)}
-    steps = config.preference.steps
-    lines += [
-        "", f"## InfiFPO and DPO from p0 ({steps} steps of {config.preference.global_batch_size} pairs)\n",
-        "| lr | β | " + " | ".join(f"InfiFPO {s}" for s in skills) + " | InfiFPO mean | " + " | ".join(f"DPO {s}" for s in skills) + " | DPO mean |",
-        "|---|---|" + "---|" * (2 * len(skills) + 2),
-    ]
-    for lr, beta in itertools.product(grid.lr, grid.beta):
-        i, d = f"{INFIFPO}-lr{_tag(lr)}-b{_tag(beta)}", f"{DPO}-lr{_tag(lr)}-b{_tag(beta)}"
-        cells = [_cell(results[i], s) for s in skills] + [f"{100 * _mean(results[i], skills):.1f}" + (" **(best)**" if i == best[INFIFPO] else "")]
-        cells += [_cell(results[d], s) for s in skills] + [f"{100 * _mean(results[d], skills):.1f}" + (" **(best)**" if d == best[DPO] else "")]
-        lines.append(f"| {lr:g} | {beta:g} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"p0 on the same prompts: mean {100 * _mean(base[P0], skills):.1f}. The demo uses one setting for both objectives "
-        f"(the same budget): the one InfiFPO prefers, lr {runs[best[INFIFPO]]['lr']:g}, β {runs[best[INFIFPO]]['beta']:g}; "
-        f"DPO's own best here is lr {runs[best[DPO]]['lr']:g}, β {runs[best[DPO]]['beta']:g}.",
-        "",
-    ]
+    best: dict[str, str] = {}
+    if pref:
+        best = {loss: max((n for n in pref if runs[n]["loss"] == loss), key=lambda n: _mean(results[n], skills)) for loss in (INFIFPO, DPO)}
+        steps = config.preference.steps
+        lines += [
+            "", f"## InfiFPO and DPO from p0 ({steps} steps of {config.preference.global_batch_size} pairs)\n",
+            "| lr | β | " + " | ".join(f"InfiFPO {s}" for s in skills) + " | InfiFPO mean | " + " | ".join(f"DPO {s}" for s in skills) + " | DPO mean |",
+            "|---|---|" + "---|" * (2 * len(skills) + 2),
+        ]
+        for lr, beta in itertools.product(grid.lr, grid.beta):
+            i, d = f"{INFIFPO}-lr{_tag(lr)}-b{_tag(beta)}", f"{DPO}-lr{_tag(lr)}-b{_tag(beta)}"
+            cells = [_cell(results[i], s) for s in skills] + [f"{100 * _mean(results[i], skills):.1f}" + (" **(best)**" if i == best[INFIFPO] else "")]
+            cells += [_cell(results[d], s) for s in skills] + [f"{100 * _mean(results[d], skills):.1f}" + (" **(best)**" if d == best[DPO] else "")]
+            lines.append(f"| {lr:g} | {beta:g} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"p0 on the same prompts: mean {100 * _mean(base[P0], skills):.1f}. The demo uses one setting for both objectives "
+            f"(the same budget): the one InfiFPO prefers, lr {runs[best[INFIFPO]]['lr']:g}, β {runs[best[INFIFPO]]['beta']:g}; "
+            f"DPO's own best here is lr {runs[best[DPO]]['lr']:g}, β {runs[best[DPO]]['beta']:g}.",
+        ]
+    lines.append("")
     path = output_dir / "sweep.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     (output_dir / "sweep.json").write_text(json.dumps({"runs": runs, "results": results, "best_sft": best_sft, "best": best}, indent=2, sort_keys=True) + "\n")
