@@ -480,7 +480,7 @@ def _markdown(config: DemoConfig, config_name: str, summary: dict[str, Any], ord
         masters = check["mastered_by"][skill]
         add(
             f"- **{skill}** ({'mastered by ' + ', '.join(f'`{m}`' for m in masters) if masters else 'no source masters it'}): "
-            f"SFT − pivot before {_signed(c['p0_minus_pivot'])}; InfiFPO − pivot before {_signed(c['infifpo_minus_pivot'])}; "
+            f"SFT (p0) − pivot before {_signed(c['p0_minus_pivot'])}; InfiFPO − pivot before {_signed(c['infifpo_minus_pivot'])}; "
             f"InfiFPO − p0 {_signed(c['infifpo_minus_p0'])}; DPO − p0 {_signed(c['dpo_minus_p0'])}; "
             f"InfiFPO − DPO {_signed(c['infifpo_minus_dpo'])}."
         )
@@ -489,6 +489,17 @@ def _markdown(config: DemoConfig, config_name: str, summary: dict[str, Any], ord
         f"- The fused pivot is no worse than p0 beyond two standard errors on every skill: "
         f"{yes[check['infifpo_not_worse_than_p0']]}. It beats the pivot before fusion by more than two standard "
         f"errors on every skill a source masters: {yes[check['infifpo_better_than_pivot_where_mastered']]}."
+    )
+    fusion = summary["fusion"]["by_skill"]
+    spreads = ", ".join(
+        f"{skill} {fusion[skill]['step0_weight']['p10']:.2f}–{fusion[skill]['step0_weight']['p90']:.2f}" for skill in skills if skill in fusion
+    )
+    add(
+        "- InfiFPO vs DPO: both start from p0 with the same data, steps and optimiser; InfiFPO's gradient on a row is "
+        "DPO's times σ(−h)/0.5, so the two differ only through how unevenly InfiFPO weighs the rows. At step 0 its row "
+        f"weights σ(−h) span (10th–90th percentile) {spreads}, against 0.5 on every row for DPO; Adam cancels a common "
+        "scale, and with a learning rate as small as the validation sweep chose, neither moves p0's greedy answers much. "
+        "A world where the re-weighting matters more is a noisy judge (`world.judge_noise`, see the README)."
     )
     add(
         "- One seed; standard errors are over prompts, not over seeds. `make demo-seeds` repeats the demo over "
@@ -532,7 +543,6 @@ def _markdown(config: DemoConfig, config_name: str, summary: dict[str, Any], ord
     )
 
     add("## Fusion on the preference pairs (step 0, computed offline from the scored set)\n")
-    fusion = summary["fusion"]["by_skill"]
     candidates = sources + (["p0"] if p.include_pivot else [])
     weight_title = "selected by max_margin" if p.fusion == "max_margin" else f"mean {p.fusion} weight"
     header = (
