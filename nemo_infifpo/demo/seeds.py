@@ -43,9 +43,12 @@ def aggregate(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     first = summaries[0]
     pivot = first["config"]["pivot"]["name"]
     skills = list(first["config"]["world"]["skills"])
-    models = list(first["evaluation"]["exact_match"])
+    # Display order of the demo's table: the pivot before fusion, p0, the fused pivots, the sources.
+    present = first["evaluation"]["exact_match"]
+    order = [pivot, "p0", "dpo", "infifpo", *(s["name"] for s in first["config"]["sources"])]
+    models = [m for m in order if m in present] + sorted(m for m in present if m not in order)
     for s in summaries:
-        if list(s["evaluation"]["exact_match"]) != models or list(s["config"]["world"]["skills"]) != skills:
+        if sorted(s["evaluation"]["exact_match"]) != sorted(models) or list(s["config"]["world"]["skills"]) != skills:
             raise ValueError(f"seed {s['seed']}: other models or skills than seed {first['seed']}")
     em = [s["evaluation"]["exact_match"] for s in summaries]
     out: dict[str, Any] = {
@@ -68,7 +71,8 @@ def aggregate(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _cell(stat: dict[str, float], signed: bool = False) -> str:
-    mean = f"{100 * stat['mean']:+.1f}" if signed else f"{100 * stat['mean']:.1f}%"
+    value = round(100 * stat["mean"], 1) + 0.0  # + 0.0: no "-0.0"
+    mean = f"{value:+.1f}" if signed else f"{value:.1f}%"
     return f"{mean} ± {100 * stat['se']:.1f}" if math.isfinite(stat["se"]) else mean
 
 
@@ -77,7 +81,7 @@ def render_markdown(result: dict[str, Any], labels: dict[str, str]) -> str:
     seeds = ", ".join(str(s) for s in result["seeds"])
     lines = [
         f"# The demo over seeds {seeds}\n",
-        f"Greedy exact match on the {result['split']} prompts (lm-eval), mean ± standard error over "
+        f"Greedy exact match on the {'held-out' if result['split'] == 'heldout' else result['split']} prompts (lm-eval), mean ± standard error over "
         f"{len(result['seeds'])} seeds; each seed is a full `make demo` run (its own world models, samples, "
         "pairs and training).\n",
         "| model | " + " | ".join(skills) + " |",
