@@ -243,7 +243,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(nproc: int, script: str, args: list[str]) -> list[str]:
+def torchrun_command(nproc: int, script: str, args: list[str]) -> list[str]:
     # `python -m torch.distributed.run` is `torchrun`, with this interpreter for certain.
     return [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
@@ -251,7 +251,7 @@ def _torchrun(nproc: int, script: str, args: list[str]) -> list[str]:
     ]
 
 
-def _python(script: str, args: list[str]) -> list[str]:
+def python_command(script: str, args: list[str]) -> list[str]:
     return [sys.executable, str(RECIPES / script), *args]
 
 
@@ -359,7 +359,7 @@ def preference_args(config: DemoConfig, layout: Layout, loss: str, output: Path,
 def export_stage(name: str, run: Path, output: Path, dep: str) -> Stage:
     return Stage(
         f"export/{name}",
-        lambda: _python("export_hf.py", [f"checkpoint_path={latest_checkpoint(run)}", f"output_path={output}", "overwrite=true"]),
+        lambda: python_command("export_hf.py", [f"checkpoint_path={latest_checkpoint(run)}", f"output_path={output}", "overwrite=true"]),
         deps=(dep,),
     )
 
@@ -387,7 +387,7 @@ def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[
     for spec in specs:
         run = layout.origin_run(spec.name)
         args = supervised_args(config, spec, spec.origin, model=world.model_dirs[spec.name], data=world.origin_data[spec.name], output=run)
-        stages.append(Stage(f"origin/{spec.name}", lambda a=args: _torchrun(nproc, "train_infifpo.py", a), slots=nproc))
+        stages.append(Stage(f"origin/{spec.name}", lambda a=args: torchrun_command(nproc, "train_infifpo.py", a), slots=nproc))
     for spec in specs:
         stages.append(export_stage(spec.name, layout.origin_run(spec.name), layout.hf(spec.name), f"origin/{spec.name}"))
 
@@ -400,7 +400,7 @@ def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[
             f"sampling.top_p={g.top_p}", f"sampling.max_new_tokens={g.max_new_tokens}", f"sampling.seed={config.seed}",
             "dtype=float32", f"batch.max_prompts={g.max_prompts}", *template_overrides(spec),
         ]
-        stages.append(Stage(f"generate/{spec.name}", lambda a=args: _python("generate.py", a), deps=(f"export/{spec.name}",)))
+        stages.append(Stage(f"generate/{spec.name}", lambda a=args: python_command("generate.py", a), deps=(f"export/{spec.name}",)))
 
     # 3. The world's checker judges every answer; 4. best -> chosen, worst -> rejected, half SFT.
     generation_dirs = _listing([layout.generation(s.name) for s in specs])
@@ -409,16 +409,16 @@ def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[
         f"data.path={world.prompts['train']}", f"generation_dirs={generation_dirs}", f"output_dir={layout.judge}",
         "judge.type=function", f"judge.function={JUDGE}",
     ]
-    stages.append(Stage("judge", lambda: _python("judge.py", judge_args), deps=generated))
+    stages.append(Stage("judge", lambda: python_command("judge.py", judge_args), deps=generated))
     pairs_args = [
         f"data.path={world.prompts['train']}", f"generation_dirs={generation_dirs}", f"judge_dir={layout.judge}",
         f"output_dir={layout.pairs}", f"split.sft_fraction={config.pairs.sft_fraction}", f"pairs.min_gap={config.pairs.min_gap}",
     ]
-    stages.append(Stage("pairs", lambda: _python("build_pairs.py", pairs_args), deps=("judge",)))
+    stages.append(Stage("pairs", lambda: python_command("build_pairs.py", pairs_args), deps=("judge",)))
 
     # 5. Stage 1: SFT of the pivot on the SFT half -> p0, the model InfiFPO and DPO start from.
     sft_args = supervised_args(config, config.pivot, config.sft, model=layout.hf(config.pivot.name), data=layout.pairs / "sft.jsonl", output=layout.run("sft"))
-    stages.append(Stage("sft", lambda: _torchrun(nproc, "train_infifpo.py", sft_args), deps=("pairs",), slots=nproc))
+    stages.append(Stage("sft", lambda: torchrun_command(nproc, "train_infifpo.py", sft_args), deps=("pairs",), slots=nproc))
     stages.append(export_stage(P0, layout.run("sft"), layout.hf(P0), "sft"))
 
     # 6. Score p0 and every source on the preference half, each with its own tokenizer/template.
@@ -431,29 +431,29 @@ def build_stages(config: DemoConfig, layout: Layout, world: WorldFiles) -> list[
             *template_overrides(spec),
         ]
         deps = (f"export/{P0}",) if spec is config.pivot else ("pairs", f"export/{spec.name}")
-        stages.append(Stage(f"score/{name}", lambda a=args: _python("score.py", a), deps=deps))
+        stages.append(Stage(f"score/{name}", lambda a=args: python_command("score.py", a), deps=deps))
     merge_args = [
         f"data.path={preference_rows}", f"pivot_dir={layout.scores(P0)}",
         f"source_dirs={_listing([layout.scores(n) for n in sources])}", f"source_names={_listing(sources)}",
         f"output_path={layout.scored_set}",
     ]
-    stages.append(Stage("merge", lambda: _python("merge_scores.py", merge_args), deps=(f"score/{P0}", *(f"score/{n}" for n in sources))))
+    stages.append(Stage("merge", lambda: python_command("merge_scores.py", merge_args), deps=(f"score/{P0}", *(f"score/{n}" for n in sources))))
 
     # 7. Evaluate the models that exist before fusion while the rest runs.
     split = config.evaluation.split
     before = [config.pivot.name, *sources]
-    stages.append(Stage("eval/before", lambda: _python("evaluate.py", evaluate_args(config, layout, world, before, layout.evaluation, split)),
+    stages.append(Stage("eval/before", lambda: python_command("evaluate.py", evaluate_args(config, layout, world, before, layout.evaluation, split)),
                         deps=tuple(f"export/{n}" for n in before)))
 
     # 8. InfiFPO and the DPO baseline: same p0, data, layout, steps and optimiser.
     for name in (INFIFPO, DPO):
         args = preference_args(config, layout, name, layout.run(name))
-        stages.append(Stage(f"train/{name}", lambda a=args: _torchrun(nproc, "train_infifpo.py", a), deps=("merge",), slots=nproc))
+        stages.append(Stage(f"train/{name}", lambda a=args: torchrun_command(nproc, "train_infifpo.py", a), deps=("merge",), slots=nproc))
     for name in (INFIFPO, DPO):
         stages.append(export_stage(name, layout.run(name), layout.hf(name), f"train/{name}"))
 
     # 9. Every model in one table (the models evaluated before are reused, not rerun).
-    stages.append(Stage("eval/after", lambda: _python("evaluate.py", evaluate_args(config, layout, world, evaluated_models(config), layout.evaluation, split)),
+    stages.append(Stage("eval/after", lambda: python_command("evaluate.py", evaluate_args(config, layout, world, evaluated_models(config), layout.evaluation, split)),
                         deps=("eval/before", f"export/{P0}", f"export/{INFIFPO}", f"export/{DPO}")))
     return stages
 

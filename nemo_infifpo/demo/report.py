@@ -52,13 +52,13 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(float(value))
 
 
-def accuracy_table(evaluation_summary: dict[str, Any], skills: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """model -> skill -> {exact_match, stderr, n}: the evaluation stage's numbers, by skill."""
+def accuracy_table(evaluation_summary: dict[str, Any], skills: Sequence[str], split: str) -> dict[str, dict[str, dict[str, float]]]:
+    """model -> skill -> {exact_match, stderr}: the evaluation stage's numbers on the tasks of
+    ``split``, by skill."""
     from nemo_infifpo.demo.world import task_name
 
     out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     rows = {(r["task"], r["metric"]): r for r in evaluation_summary["rows"]}
-    split = evaluation_summary.get("split", "heldout")
     for skill in skills:
         row = rows[(task_name(skill, split), _METRIC)]
         for model, value in row["values"].items():
@@ -356,8 +356,7 @@ def write_report(config: DemoConfig, *, config_name: str, layout: Any, world: An
     skills = list(config.world.skills)
     order = evaluated_models(config)
     evaluation = json.loads((layout.evaluation / "summary.json").read_text())
-    evaluation["split"] = config.evaluation.split
-    table = accuracy_table(evaluation, skills)
+    table = accuracy_table(evaluation, skills, config.evaluation.split)
     missing = [m for m in order if m not in table]
     if missing:
         raise ValueError(f"{layout.evaluation / 'summary.json'} lacks models {missing}")

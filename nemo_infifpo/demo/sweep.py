@@ -32,8 +32,8 @@ from nemo_infifpo.demo.pipeline import (
     P0,
     Layout,
     Stage,
-    _python,
-    _torchrun,
+    python_command,
+    torchrun_command,
     evaluate_args,
     export_stage,
     preference_args,
@@ -80,13 +80,13 @@ def run_sweep(config: DemoConfig, grid: SweepGrid, output_dir: Path, *, config_n
 
     def evaluate(name: str, dep: str) -> None:
         args = evaluate_args(base, layout, world, [name], eval_root / name, "validation")
-        stages.append(Stage(f"eval/{name}", lambda: _python("evaluate.py", args), deps=(dep,)))
+        stages.append(Stage(f"eval/{name}", lambda: python_command("evaluate.py", args), deps=(dep,)))
 
     for lr, steps in itertools.product(grid.sft_lr, grid.sft_steps):
         name = f"sft-lr{_tag(lr)}-s{steps}"
         train = dataclasses.replace(config.sft, lr=lr, min_lr=lr / 10, steps=steps)
         args = supervised_args(base, config.pivot, train, model=layout.hf(config.pivot.name), data=layout.pairs / "sft.jsonl", output=layout.run(name))
-        stages.append(Stage(f"train/{name}", lambda a=args: _torchrun(base.nproc, "train_infifpo.py", a), slots=base.nproc))
+        stages.append(Stage(f"train/{name}", lambda a=args: torchrun_command(base.nproc, "train_infifpo.py", a), slots=base.nproc))
         stages.append(export_stage(name, layout.run(name), layout.hf(name), f"train/{name}"))
         evaluate(name, f"export/{name}")
         runs[name] = {"part": "sft", "lr": lr, "steps": steps}
@@ -95,7 +95,7 @@ def run_sweep(config: DemoConfig, grid: SweepGrid, output_dir: Path, *, config_n
         for loss in (INFIFPO, DPO):
             name = f"{loss}-lr{_tag(lr)}-b{_tag(beta)}"
             args = preference_args(base, layout, loss, layout.run(name), preference)
-            stages.append(Stage(f"train/{name}", lambda a=args: _torchrun(base.nproc, "train_infifpo.py", a), slots=base.nproc))
+            stages.append(Stage(f"train/{name}", lambda a=args: torchrun_command(base.nproc, "train_infifpo.py", a), slots=base.nproc))
             stages.append(export_stage(name, layout.run(name), layout.hf(name), f"train/{name}"))
             evaluate(name, f"export/{name}")
             runs[name] = {"part": "preference", "loss": loss, "lr": lr, "beta": beta, "steps": preference.steps}
@@ -106,13 +106,12 @@ def run_sweep(config: DemoConfig, grid: SweepGrid, output_dir: Path, *, config_n
     run_stages(stages, slots=base.parallel_jobs, log_dir=output_dir / "logs", timeout_s=base.stage_timeout_s, clock_start=started)
 
     skills = list(config.world.skills)
-    base_summary = json.loads((layout.evaluation / "summary.json").read_text())
-    base_summary["split"] = "validation"
-    results = {"base": accuracy_table(base_summary, skills)}
+    def table(evaluation_dir: Path) -> dict[str, Any]:
+        return accuracy_table(json.loads((evaluation_dir / "summary.json").read_text()), skills, "validation")
+
+    results = {"base": table(layout.evaluation)}
     for name in runs:
-        summary = json.loads((eval_root / name / "summary.json").read_text())
-        summary["split"] = "validation"
-        results[name] = accuracy_table(summary, skills)[name]
+        results[name] = table(eval_root / name)[name]
     table = _write_tables(config, grid, runs, results, output_dir, skills)
     log.info("sweep table: %s (%.0f s)", table, time.perf_counter() - started)
     return table

@@ -405,6 +405,8 @@ def build_model_dir(spec: ModelSpec, directory: Path, probe: dict[str, str]) -> 
     # What the report shows: the same row in this model's own tokens.
     response = ResponseTokenizer(tokenizer)
     messages = probe_messages(probe)
+    # Through encode_pair, the response cut scoring and training use; the rejected side (any
+    # other answer) is only there because a row needs one.
     pair = response.encode_pair(rows_from_records([{"prompt": probe["prompt"], "chosen": probe["reference"], "rejected": probe["input"] + "0"}])[0])
     facts = {
         "family": spec.family,
